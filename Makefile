@@ -1,0 +1,34 @@
+# Two entry points on a fresh machine with only Python 3:
+#   make demo   the whole pipeline on the demo world (creates .venv on first use)
+#   make test   the test suite (creates .venv on first use)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# torch is pinned to the CPU wheel that lies on these machines' disk; a bare
+# `pip install torch` could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[serve,plot,test]"
+	touch $(STAMP)
+
+.PHONY: install demo test lint bench clean
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tristage demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_generate.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,73 @@
+"""`tristage <command> [flags]`: one console script, one subcommand per stage or tool.
+
+Each command is a `(Config dataclass, main(cfg))` pair living in its own module; the CLI only turns
+flags (and an optional `--config FILE.yaml`) into the dataclass and calls `main`. Modules are
+imported lazily so `tristage --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (target "module:ConfigClass:function", one-line help); a dict value is a command group.
+COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
+    "tokenizer": ("tristage.tokenizer:TrainConfig:train_main", "train a byte-level BPE tokenizer on text files"),
+    "generate": ("tristage.serve.generate:Config:main", "sample from a model: --prompt text, or JSONL in/out"),
+    "demo": ("tristage.demo:Config:main", "run the pipeline on the demo world (what `make demo` runs)"),
+    "world": {
+        "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
+        "score": ("tristage.world.cli:ScoreConfig:score_main", "score prompts + responses with the gold scorer"),
+    },
+}
+
+
+def _load(target: str):
+    mod, cfg_name, fn_name = target.split(":")
+    m = importlib.import_module(mod)
+    return getattr(m, cfg_name), getattr(m, fn_name), m
+
+
+def _usage(prefix: str, table: dict) -> str:
+    lines = [f"usage: {prefix} <command> [flags]   ({prefix} <command> --help for its flags)", "", "commands:"]
+    for name, v in table.items():
+        if isinstance(v, dict):
+            lines.append(f"  {name:<12} " + ", ".join(v) + f"  ({prefix} {name} --help)")
+        else:
+            lines.append(f"  {name:<12} {v[1]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tristage.config import parse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table: dict = COMMANDS
+    prefix = "tristage"
+    while True:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_usage(prefix, table))
+            return 0
+        if argv[0] == "--version":
+            from tristage import __version__
+
+            print(__version__)
+            return 0
+        name = argv.pop(0)
+        if name not in table:
+            print(f"{prefix}: unknown command {name!r}\n\n" + _usage(prefix, table), file=sys.stderr)
+            return 2
+        entry = table[name]
+        prefix = f"{prefix} {name}"
+        if isinstance(entry, dict):
+            table = entry
+            continue
+        cfg_cls, fn, mod = _load(entry[0])
+        desc = (mod.__doc__ or entry[1]).strip()
+        cfg = parse(cfg_cls, argv, prog=prefix, description=desc)
+        result = fn(cfg)
+        return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

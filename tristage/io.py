@@ -1,0 +1,79 @@
+"""Small file helpers shared by every stage: atomic writes and JSONL with located errors.
+
+Atomic means write to a temporary file in the same folder, fsync, then rename over the target:
+a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def open_text(path: str | os.PathLike):
+    """Open a text file for reading, transparently gunzipping `*.gz`."""
+    path = str(path)
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+class DataError(ValueError):
+    """A bad input record, located by file, line and field."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str, field: str | None = None):
+        where = f"{path}" + (f":{line}" if line is not None else "")
+        what = f" field {field!r}:" if field else ""
+        super().__init__(f"{where}:{what} {reason}")
+        self.path, self.line, self.field, self.reason = str(path), line, field, reason
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, object) for each non-blank line; a line that is not a JSON object raises DataError."""
+    with open_text(path) as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, i, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, i, f"expected a JSON object, got {type(obj).__name__}")
+            yield i, obj
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]] | Iterator[dict[str, Any]]) -> int:
+    """Write rows as JSONL atomically; returns the count."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)

@@ -1,0 +1,265 @@
+"""Hugging Face model folders in and out: every tristage checkpoint is one, and we load theirs.
+
+A folder holds config.json, model.safetensors (or sharded model-0000N-of-0000M.safetensors with
+model.safetensors.index.json), generation_config.json, tokenizer files and, for our own checkpoints,
+tristage.json (stage, parent, config, metrics).
+
+Choices, and why:
+- Parameter names in gpt.py are Hugging Face's, so the conversion is the identity on the state dict;
+  only config.json needs translating. Supported families: llama, qwen2, qwen3, mistral. Anything else
+  fails up front with a message naming the model_type and the missing feature, never halfway through.
+- Both rope spellings are read: the legacy `rope_theta` + `rope_scaling` and transformers 5's
+  `rope_parameters`. We write the legacy spelling, which every transformers version reads.
+- A save writes a sibling temp folder, fsyncs, then swaps it in with a rename, so an interrupted save
+  never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tristage.model.gpt import GPT, ModelConfig, build_model
+
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- config translation
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config.json dict into a ModelConfig, refusing what we cannot run exactly."""
+    mt = hf.get("model_type")
+    if mt not in FAMILIES:
+        archs = ", ".join(hf.get("architectures") or []) or "?"
+        raise UnsupportedModelError(
+            f"{source}: model_type {mt!r} ({archs}) is not supported; tristage loads {', '.join(FAMILIES)}")
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    if hf.get("pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp={hf['pretraining_tp']}")
+    rp = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {k: v for k, v in rp.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind not in ("default", "llama3", "linear"):
+        problems.append(f"rope type {kind!r} (supported: default, llama3, linear)")
+    sliding = None
+    if mt == "mistral":
+        sliding = hf.get("sliding_window")
+    elif hf.get("use_sliding_window"):
+        problems.append("use_sliding_window=true")
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        problems.append("layer_types other than full_attention")
+    if problems:
+        raise UnsupportedModelError(f"{source}: {mt} features not supported: " + "; ".join(problems))
+    theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
+    extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        rope_scaling=None if kind == "default" else {**scaling, "rope_type": kind},
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=True if mt == "qwen2" else bool(hf.get("attention_bias", False)),
+        qk_norm=mt == "qwen3",
+        sliding_window=sliding,
+        initializer_range=hf.get("initializer_range", 0.02),
+        architecture=mt,
+        extra=extra,
+    )
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    mt = cfg.architecture
+    if mt not in FAMILIES:
+        raise UnsupportedModelError(f"cannot export architecture {mt!r}; choose one of {', '.join(FAMILIES)}")
+    if mt == "qwen2" and not cfg.attention_bias:
+        raise UnsupportedModelError("qwen2 always has q/k/v bias; export as llama with attention_bias instead")
+    if cfg.qk_norm and mt != "qwen3":
+        raise UnsupportedModelError("q/k norm exists only in qwen3; set architecture='qwen3'")
+    hf: dict[str, Any] = {
+        "architectures": [FAMILIES[mt]],
+        "model_type": mt,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.initializer_range,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    if mt == "llama":
+        hf["mlp_bias"] = False
+    if mt == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if mt in ("qwen2", "qwen3"):
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_hidden_layers)
+    hf.update(cfg.extra)
+    return hf
+
+
+# ----------------------------------------------------------------------------- loading
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    if any(folder.glob("*.bin")):
+        raise UnsupportedModelError(f"{folder}: only PyTorch .bin weights found; tristage reads safetensors "
+                                    "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    return config_from_hf(json.loads(path.read_text()), source=str(path))
+
+
+def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """Load a Hugging Face (or tristage) model folder. dtype None keeps the checkpoint's dtype."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    files = _weight_files(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensors[k] = sf.get_tensor(k)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    if dtype is None:
+        dtype = next((t.dtype for k, t in tensors.items() if k.endswith("embed_tokens.weight")), torch.float32)
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"{folder}: weights do not match a {cfg.architecture} model of this config; "
+            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            t = tensors[k]
+            if t.shape != p.shape:
+                raise UnsupportedModelError(
+                    f"{folder}: {k} has shape {tuple(t.shape)}, config implies {tuple(p.shape)}")
+            p.copy_(t.to(dtype))
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
+               generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` as a Hugging Face folder, atomically replacing `folder`.
+
+    tokenizer: anything with `save(folder)` (tristage.tokenizer.Tokenizer); its eos/stop ids go into
+    generation_config.json. meta: written as tristage.json. extra_files: name -> text, written alongside.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = dtype or next(iter(state.values())).dtype
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    hf = config_to_hf(cfg, dtype)
+    gen = dict(generation_config or {})
+    if tokenizer is not None:
+        for key, attr in (("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
+            v = getattr(tokenizer, attr, None)
+            if v is not None:
+                hf.setdefault(key, v)
+                gen.setdefault(key, v)
+        stops = list(getattr(tokenizer, "stop_ids", []) or [])
+        eos = getattr(tokenizer, "eos_id", None)
+        if eos is not None:
+            hf.setdefault("eos_token_id", eos)
+            if eos not in stops:
+                stops.insert(0, eos)
+        if stops:
+            gen.setdefault("eos_token_id", stops if len(stops) > 1 else stops[0])
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if k in hf:
+            gen.setdefault(k, hf[k])
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if meta is not None:
+            (tmp / "tristage.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
