@@ -13,10 +13,16 @@ import sys
 # name -> (target "module:ConfigClass:function", one-line help); a dict value is a command group.
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "tokenizer": ("tristage.tokenizer:TrainConfig:train_main", "train a byte-level BPE tokenizer on text files"),
+    "prepare": ("tristage.data.pretrain:PrepareConfig:prepare_main", "tokenize corpora into token shards"),
+    "pretrain": ("tristage.stages.pretrain:Config:main", "stage 1: pre-train a model on token shards"),
+    "plan": ("tristage.plan:Config:main", "compute planner: FLOPs, time, cost, compute-optimal size"),
     "generate": ("tristage.serve.generate:Config:main", "sample from a model: --prompt text, or JSONL in/out"),
     "demo": ("tristage.demo:Config:main", "run the pipeline on the demo world (what `make demo` runs)"),
     "world": {
-        "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
+        "prepare": ("tristage.data.pretrain:PrepareConfig:prepare_main", "tokenize corpora into token shards"),
+    "pretrain": ("tristage.stages.pretrain:Config:main", "stage 1: pre-train a model on token shards"),
+    "plan": ("tristage.plan:Config:main", "compute planner: FLOPs, time, cost, compute-optimal size"),
+    "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
         "score": ("tristage.world.cli:ScoreConfig:score_main", "score prompts + responses with the gold scorer"),
     },
 }

@@ -84,8 +84,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         if f.metadata.get("positional"):
-            p.add_argument(f.name, type=_converter(base, optional), help=help_,
-                           nargs="?" if has_default else None, default=argparse.SUPPRESS)
+            # always optional for argparse: a YAML file may supply it; `parse` checks it is given somewhere
+            p.add_argument(f.name, type=_converter(base, optional), help=help_, nargs="?", default=argparse.SUPPRESS)
             continue
         flag = "--" + f.name.replace("_", "-")
         shown = f" (default: {default})" if has_default else " (required)"
@@ -154,7 +154,9 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str | None = None,
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and f.name not in values]
     if missing:
-        parser.error("missing required: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        pos = {f.name for f, _ in _fields(cls) if f.metadata.get("positional")}
+        parser.error("missing required: " + ", ".join(m.upper() if m in pos else "--" + m.replace("_", "-")
+                                                      for m in missing))
     return cls(**_coerce(cls, values))
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -47,7 +47,7 @@ from tristage.config import arg
 from tristage.io import atomic_write_text, open_text, write_json
 
 EOT = "<|endoftext|>"
-SPECIAL_TOKENS = [EOT, "<|pad|>", "<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(4)]
+SPECIAL_TOKENS = (EOT, "<|pad|>", "<|im_start|>", "<|im_end|>", *(f"<|reserved_{i}|>" for i in range(4)))
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 NO_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit
 
@@ -244,7 +244,7 @@ class Tokenizer:
 
 
 # ---- training -------------------------------------------------------------------------------------------------
-def _pieces(files: list[str], specials: list[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
+def _pieces(files: list[str], specials: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
     """The files' text in ~1 MB chunks (split at line ends), with special tokens cut out so no merge spans them."""
     cut = re.compile("|".join(map(re.escape, specials)) or "(?!)")  # (?!) never matches
     for f in files:
@@ -264,7 +264,7 @@ def _wrap(tok: tokenizers.Tokenizer) -> Tokenizer:
     return Tokenizer(tok, bos_token=EOT, eos_token=EOT, pad_token="<|pad|>", chat_template=CHATML_TEMPLATE)
 
 
-def train_bpe(files: list[str], vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS,
+def train_bpe(files: list[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS,
               min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE on text files (.txt or .gz); `special_tokens` take ids 0.. in order."""
     if vocab_size < 256 + len(special_tokens):
@@ -281,7 +281,7 @@ def train_bpe(files: list[str], vocab_size: int, special_tokens: list[str] = SPE
     return _wrap(tok)
 
 
-def train_char(files: list[str], special_tokens: list[str] = SPECIAL_TOKENS) -> Tokenizer:
+def train_char(files: list[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
     """A character-level tokenizer: specials, then every character seen (sorted), then 256 byte-fallback tokens."""
     chars: set[str] = set()
     for piece in _pieces(files, special_tokens):

@@ -204,16 +204,21 @@ def _fsync_dir(path: Path) -> None:
 
 def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
                generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
+               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
+               training_state: dict[str, Any] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a Hugging Face folder, atomically replacing `folder`.
 
     tokenizer: anything with `save(folder)` (tristage.tokenizer.Tokenizer); its eos/stop ids go into
     generation_config.json. meta: written as tristage.json. extra_files: name -> text, written alongside.
+    training_state: torch-saved as training_state.pt in the same folder, so weights and the state to
+    resume them (optimizer, data position, RNG) are replaced together or not at all.
+    state_dict: the weights to write, when `model` is sharded (FSDP) and its own state dict is not full.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     dtype = dtype or next(iter(state.values())).dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     hf = config_to_hf(cfg, dtype)
@@ -244,6 +249,8 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
             tokenizer.save(tmp)
         if meta is not None:
             (tmp / "tristage.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         for f in tmp.iterdir():

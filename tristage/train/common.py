@@ -1,0 +1,159 @@
+"""Loop helpers shared by every training stage: precision, metrics, progress, throughput, RNG state.
+
+No Trainer class: each stage writes its own loop top to bottom and calls these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' picks bf16 where the hardware computes it natively (CUDA with bf16, or a CPU with
+    avx512_bf16 / AMX, where oneDNN runs bf16 matmuls about 2x faster than fp32), else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (auto, float32, bfloat16, float16)")
+    return _DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass: weights and optimizer stay fp32, matmuls run in `dtype`."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- throughput
+_PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
+_GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak dense matmul FLOP/s for MFU: a table for known GPUs; on CPU, measured once with a
+    1024^3 matmul on the threads torch uses (the machine's practical roofline, not a datasheet)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, v in _GPU_PEAKS.items():
+            if key in name:
+                return v if dtype != torch.float32 else v / 2
+        return float("nan")
+    key = (device.type, dtype)
+    if key not in _PEAK_CACHE:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        _PEAK_CACHE[key] = 2 * n**3 / sorted(times)[len(times) // 2]
+    return _PEAK_CACHE[key]
+
+
+def train_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """6 x (non-embedding matmul params + the lm_head) + the attention term 12 * layers * q_dim * T / 2
+    (causal: each token attends to half the context on average). Same convention as `tristage plan`."""
+    n_matmul = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+    return 6 * n_matmul + attn
+
+
+# ----------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step, appended and flushed) + TensorBoard if installed."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # drop records past the checkpoint we resume from: they will be produced again
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.fh = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        except Exception:  # tensorboard not installed: jsonl only
+            self.tb = None
+
+    def log(self, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v)
+                                for k, v in values.items()}}
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def progress(enabled: bool = True):
+    """A rich progress bar with room for loss, tokens/s and MFU in its description."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    disable=not enabled, refresh_per_second=4)
