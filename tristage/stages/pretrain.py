@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tristage.config import arg, save_config, to_dict
 from tristage.model.gpt import GPT, ModelConfig, build_model
 from tristage.model.hf import load_model, save_model
+from tristage.plan import flops_per_token
 from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
@@ -47,7 +48,6 @@ from tristage.train.common import (
     rng_state,
     seed_everything,
     set_rng_state,
-    train_flops_per_token,
 )
 from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
@@ -195,7 +195,7 @@ def main(cfg: Config) -> dict:
         start_step, tokens_seen = state["step"], state["tokens_seen"]
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
-    flops_per_step = train_flops_per_token(mcfg, cfg.seq_len) * tokens_per_step
+    flops_per_step = flops_per_token(mcfg, cfg.seq_len) * tokens_per_step  # PaLM convention
     peak = peak_flops(device, dtype) * d.world_size
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -98,14 +98,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return _PEAK_CACHE[key]
 
 
-def train_flops_per_token(cfg: Any, seq_len: int) -> float:
-    """6 x (non-embedding matmul params + the lm_head) + the attention term 12 * layers * q_dim * T / 2
-    (causal: each token attends to half the context on average). Same convention as `tristage plan`."""
-    n_matmul = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
-    return 6 * n_matmul + attn
-
-
 # ----------------------------------------------------------------------------- metrics
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged step, appended and flushed) + TensorBoard if installed."""
@@ -152,7 +144,14 @@ class MetricsLog:
 
 def progress(enabled: bool = True):
     """A rich progress bar with room for loss, tokens/s and MFU in its description."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
