@@ -92,9 +92,16 @@ class Config:
     save_every: int = arg(500, help="checkpoint every N steps (and at the end)")
     log_every: int = arg(10, help="write metrics every N steps")
     resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
+    stop_at: int | None = arg(None, help="checkpoint and stop after this step (split a run into jobs; then --resume)")
     seed: int = arg(0, help="seed for initialisation and data order")
     device: str = arg("auto", help="auto | cpu | cuda | cuda:N")
     progress: bool = arg(True, help="show a progress bar")
+
+
+def parse_args(argv: list[str]) -> Config:
+    from tristage.config import parse
+
+    return parse(Config, argv)
 
 
 def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
@@ -112,6 +119,24 @@ def lm_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ignore
     """Sum (not mean) of next-token cross-entropy over the targets y [B, T] != ignore_index; x [B, T]."""
     logits = model(x)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=ignore_index, reduction="sum")
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches, n_global: int, world_size: int,
+                         device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Backward over micro-batches so the gradient is that of the mean loss over all `n_global` target
+    tokens of the global batch (every process, every micro-batch). Returns this process's loss sum."""
+    from tristage.train.distributed import no_sync
+
+    micro_batches = list(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with no_sync(model, i == len(micro_batches) - 1), autocast(device, dtype):
+            s = lm_loss_sum(model, x, y)
+            # DDP/FSDP average gradients over processes: * world_size turns that into a global token mean
+            (s * (world_size / n_global)).backward()
+        loss_sum += s.detach()
+    return loss_sum
 
 
 @torch.no_grad()
@@ -143,7 +168,7 @@ def write_samples(model: GPT, tokenizer, prompts: list[str], step: int, path: Pa
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.pretrain import TokenLoader, read_meta
+    from tristage.data.pretrain import TokenLoader, load_meta
     from tristage.tokenizer import Tokenizer
 
     d = dist.init(cfg.device)
@@ -152,8 +177,8 @@ def main(cfg: Config) -> dict:
     ckpt_dir = out / "model"
     dtype = resolve_dtype(cfg.dtype, device)
     seed_everything(cfg.seed)
-    meta = read_meta(cfg.data)
-    tok_path = cfg.tokenizer or meta.get("tokenizer") or cfg.init_from
+    load_meta(cfg.data)  # fails early, naming the folder, if it is not a finished `tristage prepare` output
+    tok_path = cfg.tokenizer or str(Path(cfg.data) / "tokenizer")
     tokenizer = Tokenizer.load(tok_path)
 
     # -- model: resume > continue from a folder > from scratch
@@ -176,8 +201,8 @@ def main(cfg: Config) -> dict:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
 
+    wrapped = dist.wrap(model, d, cfg.parallel)  # before the optimizer: FSDP2 swaps parameters for DTensors
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    wrapped = dist.wrap(model, d, cfg.parallel)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
@@ -185,12 +210,12 @@ def main(cfg: Config) -> dict:
     val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                              seed=cfg.seed + 1, mode="sequential")
     val_batches = val_loader.val_batches(cfg.eval_batches)
-    bytes_per_token = meta.get("val_bytes_per_token") or meta.get("bytes_per_token") or float("nan")
+    bytes_per_token = val_loader.bytes_per_token
 
     start_step, tokens_seen = 0, 0
     if state is not None:
         dist.load_optim_state(wrapped, opt, state["optimizer"], d)
-        loader.load_state_dict(state["loader"][d.rank] if isinstance(state["loader"], list) else state["loader"])
+        loader.load_state_dict(state["loader"])  # the same on every rank: a global step counter
         set_rng_state(state["rng"])
         start_step, tokens_seen = state["step"], state["tokens_seen"]
 
@@ -208,14 +233,9 @@ def main(cfg: Config) -> dict:
     def checkpoint(step: int, metrics: dict) -> None:
         full = dist.full_state_dict(wrapped, d)  # collective under FSDP
         optim_state = dist.full_optim_state(wrapped, opt, d)
-        loader_states = [loader.state_dict()]
-        if d.enabled:
-            gathered = [None] * d.world_size
-            torch.distributed.all_gather_object(gathered, loader.state_dict())
-            loader_states = gathered
         if d.is_main:
             training_state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optim_state,
-                              "loader": loader_states if d.enabled else loader_states[0], "rng": rng_state()}
+                              "loader": loader.state_dict(), "rng": rng_state()}
             save_model(model, ckpt_dir, tokenizer, state_dict=full, dtype=torch.float32, training_state=training_state,
                        meta={"stage": "pretrain", "parent": cfg.init_from, "step": step, "tokens": tokens_seen,
                              "config": to_dict(cfg), "metrics": metrics})
@@ -228,16 +248,9 @@ def main(cfg: Config) -> dict:
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
             set_lr(opt, lr)
-            loss_sum = torch.zeros((), device=device)
             n_global = tokens_per_step  # fixed-length windows: every target counts
-            for micro in range(cfg.grad_accum):
-                x, y = loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with dist.no_sync(wrapped, micro == cfg.grad_accum - 1), autocast(device, dtype):
-                    s = lm_loss_sum(wrapped, x, y)
-                    # DDP/FSDP average gradients over processes; * world_size makes it a global token mean
-                    (s * (d.world_size / n_global)).backward()
-                loss_sum += s.detach()
+            micro = (next(loader) for _ in range(cfg.grad_accum))
+            loss_sum = accumulate_gradients(wrapped, micro, n_global, d.world_size, device, dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(),
                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss = dist.all_reduce_sum(loss_sum, d) / n_global
@@ -267,9 +280,14 @@ def main(cfg: Config) -> dict:
                     and cfg.sample_prompts and not cfg.parallel == "fsdp":
                 write_samples(model, tokenizer, cfg.sample_prompts, done, out / "samples.jsonl")
                 model.train()
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+            stopping = cfg.stop_at is not None and done >= cfg.stop_at
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or stopping:
                 checkpoint(done, metrics)
             bar.update(task, completed=done)
+            if stopping:
+                if d.is_main:
+                    bar.console.print(f"stopped after step {done} (--stop-at); continue with --resume")
+                break
     log.close()
     dist.shutdown(d)
     return metrics

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny corpus, its tokenizer and token shards, built once per test session."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(rel: str) -> Path:
+    """A file under ../shared/data, or skip the test when it is absent."""
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"{p} not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A char-level tokenizer and token shards over ~60 KB of generated sentences."""
+    from tristage.data.pretrain import PrepareConfig, prepare
+    from tristage.tokenizer import train_char
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    animals, places = ["dog", "cat", "bird", "fish"], ["mat", "porch", "patio", "pond"]
+    docs = [" ".join(f"the {rng.choice(animals)} sat on the {rng.choice(places)}." for _ in range(rng.randint(3, 9)))
+            for _ in range(400)]
+    (root / "c.txt").write_text("\n<|endoftext|>\n".join(docs))
+    tok = train_char([str(root / "c.txt")])
+    tok.save(root / "tok")
+    prepare(PrepareConfig(inputs=[str(root / "c.txt")], tokenizer=str(root / "tok"), out=str(root / "shards"),
+                          val_fraction=0.1), progress=False)
+    return root / "shards"
