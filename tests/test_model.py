@@ -207,3 +207,23 @@ def test_position_beyond_context_is_an_error():
     m = _tiny()
     with pytest.raises(ValueError, match="max_position_embeddings"):
         m(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import tristage.model.hf as hf
+
+    m = _tiny()
+    save_model(m, tmp_path / "ckpt", meta={"step": 1})
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(hf, "save_file", crash)
+    with torch.no_grad():
+        m.model.norm.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(m, tmp_path / "ckpt", meta={"step": 2})
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "ckpt" / "tristage.json").read_text())["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
