@@ -1,0 +1,426 @@
+"""Chat data for SFT: load conversations, render them to (ids, loss mask), batch them padded or packed.
+
+Choices:
+- Loading: one reader for JSONL and JSON lists (detected by a leading `[`, whatever the suffix; .gz too). The shape is
+  detected per record: `messages` (OpenAI: role/content), `conversations` (ShareGPT: from/value, human|user|gpt|
+  assistant|chatgpt|system, optional top-level `system`), else Alpaca (`instruction`, optional `input`, `output`,
+  optional `system`; user = instruction + "\\n\\n" + input when input is non-empty and not the self-instruct
+  placeholder "<noinput>"). Only role and content are kept. A record is valid when: roles are system/user/assistant,
+  a system message comes only first, contents are non-blank strings, the first non-system turn is the user's, and it
+  ends with an assistant turn. A bad record becomes a DataError naming the file, line (1-based record number in a
+  JSON list) and field; `on_error="raise"` raises the first, "skip" returns them all, and `format_skipped` says how
+  many were skipped: callers always print it, so nothing is dropped silently.
+- Loss mask, for any chat template (ours with {% generation %} tags, or imported Llama-3 / Qwen ones without): the
+  conversation is rendered once; assistant message i spans the text between render(messages[:i], generation
+  prompt) and render(messages[:i+1]). Both must be prefixes of the full text, or the template is reported as unfit
+  (one that renders past turns differently, e.g. dropping old reasoning, cannot be trained turn by turn this way).
+  The full text is encoded once with offsets; a token is marked when it overlaps a span (transformers' rule for
+  `return_assistant_tokens_mask`, so ours equals it on generation-tagged templates: a token merging the header's
+  last newline with a reply's leading whitespace is trained). Each span's mask is then cut after its first
+  end-of-turn token (`tokenizer.stop_ids`), so `<|im_end|>` / `<|eot_id|>` is trained and the newline after it is
+  not; a template ending turns in plain text keeps its whole span. The ids are those of
+  `tokenizer.apply_chat_template` (text encoded without adding special tokens, as transformers does: a BOS comes from
+  the template's `{{ bos_token }}`, never from the post-processor). Contents holding a special-token string are
+  refused: they would encode as control tokens and break the turn structure.
+- Targets: an example is x = ids[:-1], y = ids[1:] with y = -100 where mask[1:] is 0 (labels are pre-shifted: loss =
+  cross_entropy(logits, labels), no further shift). Tokens after the last trained target are dropped (they would
+  only predict untrained tokens), so an untruncated example's last target is its end-of-turn token. Longer examples are
+  truncated from the right or dropped (`truncation`); both are counted in EncodeStats, and an example left with no
+  trained target is dropped and counted.
+- Padded batches are right-padded with -100 labels, and plain causal attention (attn_mask None) is exact for the real
+  tokens since padding comes after them. Labels never look at pad_id, so pad_id may equal eos or the end-of-turn
+  token without masking it (the classic "model never stops" bug).
+- Packing: best-fit decreasing bin packing (deterministic, typically > 95% full); doc ids give a block-diagonal
+  causal mask (`make_attention_mask`) and positions restarting per conversation, so a conversation's loss does not
+  depend on its row mates (tested). Rows are packed once; each epoch shuffles rows (packed) or examples (padded)
+  with a generator seeded by (seed, epoch). The loader's position is (epoch, index): state_dict/load_state_dict
+  resume exactly. The dense [B, 1, T, T] mask is simple and fine at SFT lengths; varlen attention would avoid it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jinja2
+import numpy as np
+import torch
+
+from tristage.io import DataError, open_text
+from tristage.model.gpt import make_attention_mask, positions_from_doc_ids
+from tristage.tokenizer import Tokenizer
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
+    path: str = ""
+    line: int | None = None
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, field: str | None = None):
+        super().__init__(reason)
+        self.reason, self.field = reason, field
+
+
+def _str(obj: Any, key: str, where: str, optional: bool = False) -> str | None:
+    if not isinstance(obj, dict):
+        raise _Bad(f"expected an object, got {type(obj).__name__}", where or None)
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {type(value).__name__}", f"{where}.{key}" if where else key)
+    return value
+
+
+def _turns(obj: Any) -> tuple[list[tuple[str, str, str, str]], str | None]:
+    """(role, content, role field, content field) per message, and the list's field name."""
+    if not isinstance(obj, dict):
+        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+    for key, role_key, text_key, roles in (("messages", "role", "content", None),
+                                           ("conversations", "from", "value", SHAREGPT_ROLES)):
+        if key in obj:
+            if not isinstance(obj[key], list) or not obj[key]:
+                raise _Bad("expected a non-empty list of messages", key)
+            turns = []
+            if key == "conversations" and (system := _str(obj, "system", "", optional=True)):
+                turns.append(("system", system, "system", "system"))
+            for i, m in enumerate(obj[key]):
+                where = f"{key}[{i}]"
+                role, text = _str(m, role_key, where), _str(m, text_key, where)
+                turns.append((roles.get(role, role) if roles else role, text, f"{where}.{role_key}",
+                              f"{where}.{text_key}"))
+            return turns, key
+    if "instruction" in obj or "output" in obj:  # Alpaca
+        system, inp = _str(obj, "system", "", optional=True), _str(obj, "input", "", optional=True)
+        user = _str(obj, "instruction", "")
+        if inp and inp.strip() and inp.strip() != "<noinput>":
+            user = f"{user}\n\n{inp}"
+        turns = [("system", system, "system", "system")] if system else []
+        return turns + [("user", user, "instruction", "instruction"),
+                        ("assistant", _str(obj, "output", ""), "output", "output")], None
+    raise _Bad(f"unrecognised record: expected 'messages', 'conversations' or 'instruction'/'output', "
+               f"got keys {sorted(obj)}")
+
+
+def parse_record(obj: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """One record in any supported shape -> validated messages; raises _Bad(reason, field)."""
+    turns, list_field = _turns(obj)
+    for k, (role, content, role_field, content_field) in enumerate(turns):
+        if role not in ROLES:
+            raise _Bad(f"unknown role {role!r} (expected system, user or assistant)", role_field)
+        if role == "system" and k > 0:
+            raise _Bad("a system message may only come first", role_field)
+        if not content.strip():
+            raise _Bad("empty content", content_field)
+    roles = [t[0] for t in turns]
+    if "assistant" not in roles:
+        raise _Bad("no assistant turn", list_field)
+    first = next(t for t in turns if t[0] != "system")
+    if first[0] != "user":
+        raise _Bad(f"the first turn is the {first[0]}'s, not the user's", first[2])
+    if roles[-1] != "assistant":
+        raise _Bad(f"the conversation ends with a {roles[-1]} turn, not the assistant's", turns[-1][2])
+    messages = [{"role": r, "content": c} for r, c, _, _ in turns]
+    if system_prompt and roles[0] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line, object) per JSONL line, or (1-based index, object) per element of a JSON list; bad JSON -> _Bad."""
+    with open_text(path) as fh:
+        first = True
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if first and line.lstrip().startswith("["):  # a JSON list: the whole file is one document
+                try:
+                    data = json.loads(line + fh.read())
+                except json.JSONDecodeError as e:
+                    raise DataError(path, i + e.lineno - 1, f"invalid JSON ({e.msg} at column {e.colno})") from None
+                yield from enumerate(data, 1)
+                return
+            first = False
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise",
+                       system_prompt: str | None = None) -> tuple[list[Conversation], list[DataError]]:
+    """Read a chat file (JSONL or JSON list, optionally .gz) -> (valid conversations, errors of skipped records)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    convs, errors = [], []
+    for line, obj in _records(path):
+        try:
+            if isinstance(obj, _Bad):
+                raise obj
+            convs.append(Conversation(parse_record(obj, system_prompt), str(path), line))
+        except _Bad as bad:
+            err = DataError(path, line, bad.reason, bad.field)
+            if on_error == "raise":
+                raise err from None
+            errors.append(err)
+    return convs, errors
+
+
+def format_skipped(errors: Sequence[DataError], what: str = "invalid records") -> str:
+    """'skipped N invalid records (first: file:line: reason)': print it always, zero included."""
+    return f"skipped {len(errors)} {what}" + (f" (first: {errors[0]})" if errors else "")
+
+
+# ----------------------------------------------------------------------------- rendering
+def render(tokenizer: Tokenizer, messages: list[dict[str, str]], **template_kwargs: Any) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation (= tokenizer.apply_chat_template) and a 0/1 mask of the assistant turns."""
+    specials = tokenizer.special_tokens
+    for k, m in enumerate(messages):
+        if hit := next((s for s in specials if s in m["content"]), None):
+            raise ValueError(f"message {k} ({m['role']}) contains the special token {hit!r} in its text")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False,
+                                               **template_kwargs)
+        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, **template_kwargs)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ValueError(f"chat template unfit for turn-by-turn loss masking: rendering the first {i} messages "
+                             f"(+ generation prompt) or the first {i + 1} is not a prefix of the whole conversation "
+                             f"(the template renders earlier turns differently once later ones follow)")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    ids, mask, stops = enc.ids, [0] * len(enc.ids), set(tokenizer.stop_ids)
+    t = 0
+    for start, end in spans:
+        while t < len(ids) and enc.offsets[t][1] <= start:  # tokens ending before the span
+            t += 1
+        stopped = False
+        while t < len(ids) and enc.offsets[t][0] < end:  # tokens overlapping it, up to its first end-of-turn
+            if not stopped:
+                mask[t] = 1
+                stopped = ids[t] in stops
+            t += 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- examples
+@dataclass
+class Example:
+    """input_ids = ids[:-1]; labels = ids[1:] with -100 where that next token is not trained."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def make_example(ids: list[int], mask: list[int]) -> Example | None:
+    """Shift to (x, y) and drop the tokens after the last trained one; None if nothing is trained."""
+    last = max((t for t, m in enumerate(mask) if m), default=0)
+    if last == 0:
+        return None
+    return Example(ids[:last], [ids[t] if mask[t] else IGNORE for t in range(1, last + 1)])
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0  # cut from the right to max_len, trained targets left
+    dropped: int = 0  # too long with truncation="drop", or no trained target left after truncation
+    errors: list[DataError] = field(default_factory=list)  # conversations that failed to render (skipped)
+
+    def __str__(self) -> str:
+        return (f"{self.examples} examples; {self.truncated} truncated, {self.dropped} dropped (too long, or "
+                f"nothing left to train); " + format_skipped(self.errors, "conversations that failed to render"))
+
+
+def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Conversation], max_len: int,
+                         truncation: Literal["truncate", "drop"] = "truncate",
+                         on_error: Literal["raise", "skip"] = "raise",
+                         **template_kwargs: Any) -> tuple[list[Example], EncodeStats]:
+    """Render, shift and fit conversations to max_len positions (len(input_ids) <= max_len)."""
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', not {truncation!r}")
+    out, stats = [], EncodeStats()
+    for conv in conversations:
+        try:
+            ex = make_example(*render(tokenizer, conv.messages, **template_kwargs))
+        except (ValueError, jinja2.TemplateError) as e:  # the template refused it, or special tokens in the text
+            err = DataError(conv.path, conv.line, str(e))
+            if on_error == "raise":
+                raise err from e
+            stats.errors.append(err)
+            continue
+        if ex is not None and len(ex) > max_len:
+            ex = Example(ex.input_ids[:max_len], ex.labels[:max_len]) if truncation == "truncate" else None
+            if ex is not None and any(y != IGNORE for y in ex.labels):
+                stats.truncated += 1
+            else:
+                ex = None
+        if ex is None:
+            stats.dropped += 1
+            continue
+        out.append(ex)
+    stats.examples = len(out)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- batching
+def pad_batch(examples: Sequence[Example], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:
+    """Right-padded batch: input_ids, labels (pre-shifted, -100 = no loss), position_ids [B, T], attn_mask None
+    (causal is exact: padding only follows real tokens), num_tokens (trained targets)."""
+    B, T = len(examples), pad_to or max(len(e) for e in examples)
+    ids, labels = torch.full((B, T), pad_id, dtype=torch.long), torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, :len(e)], labels[b, :len(e)] = torch.tensor(e.input_ids), torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T).expand(B, T), "attn_mask": None,
+            "num_tokens": int((labels != IGNORE).sum())}
+
+
+def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each into the fullest bin it fits in. Deterministic (ties by index)."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, bin index)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens > seq_len {capacity}: truncate or drop it first")
+        j = bisect.bisect_left(free, (n, -1))
+        if j == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+        else:
+            room, b = free.pop(j)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+def pack_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> dict[str, Any]:
+    """Rows of packed examples -> input_ids, labels, position_ids, doc_ids [B, T] (padding: doc -1), attn_mask
+    [B, 1, T, T] (causal within a conversation), num_tokens, rows (the example indices per row)."""
+    B, T = len(rows), seq_len
+    ids, labels = torch.full((B, T), pad_id, dtype=torch.long), torch.full((B, T), IGNORE, dtype=torch.long)
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        pos = 0
+        for d, i in enumerate(row):
+            e = examples[i]
+            ids[b, pos:pos + len(e)], labels[b, pos:pos + len(e)] = torch.tensor(e.input_ids), torch.tensor(e.labels)
+            doc_ids[b, pos:pos + len(e)] = d
+            pos += len(e)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions_from_doc_ids(doc_ids), "doc_ids": doc_ids,
+            "attn_mask": make_attention_mask(doc_ids, T), "num_tokens": int((labels != IGNORE).sum()),
+            "rows": [list(r) for r in rows]}
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0,
+         rows_per_batch: int = 1) -> tuple[list[dict[str, Any]], float]:
+    """All examples packed into [rows_per_batch, seq_len] batches; returns (batches, efficiency = real / slots)."""
+    bins = pack_bins([len(e) for e in examples], seq_len)
+    batches = [pack_rows(examples, bins[k:k + rows_per_batch], seq_len, pad_id)
+               for k in range(0, len(bins), rows_per_batch)]
+    return batches, sum(map(len, examples)) / max(1, len(bins) * seq_len)
+
+
+class ChatLoader:
+    """Endless batches of at most `tokens_per_batch` slots (B x T), reshuffled each epoch, resumable exactly.
+
+    packed: [tokens_per_batch // seq_len, seq_len] rows of packed conversations. padded: as many examples (in the
+    epoch's shuffled order) as fit with B x longest <= tokens_per_batch. Rank r of world_size takes batches
+    r, r + W, ... of each epoch's list (cut to a multiple of W, so every rank runs the same number of steps).
+    """
+
+    def __init__(self, examples: Sequence[Example], tokens_per_batch: int, pad_id: int,
+                 mode: Literal["packed", "padded"] = "packed", seq_len: int | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if mode not in ("packed", "padded") or not examples or not 0 <= rank < world_size:
+            raise ValueError(f"bad loader arguments: mode={mode!r}, {len(examples)} examples, rank {rank}/{world_size}")
+        self.examples, self.pad_id, self.mode, self.seed = list(examples), pad_id, mode, seed
+        self.seq_len = seq_len or max(map(len, self.examples))
+        self.tokens_per_batch, self.rank, self.world_size = tokens_per_batch, rank, world_size
+        if tokens_per_batch < self.seq_len:
+            raise ValueError(f"tokens_per_batch {tokens_per_batch} < seq_len {self.seq_len}: no row fits")
+        lengths = [len(e) for e in self.examples]
+        self.bins = pack_bins(lengths, self.seq_len) if mode == "packed" else []
+        if mode == "padded" and max(lengths) > self.seq_len:
+            raise ValueError(f"an example has {max(lengths)} tokens > seq_len {self.seq_len}")
+        self.epoch, self.index = 0, 0
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """This rank's batches in `epoch`: lists of bin indices (packed) or example indices (padded)."""
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.mode == "packed":
+            order, r = rng.permutation(len(self.bins)).tolist(), self.tokens_per_batch // self.seq_len
+            batches = [order[k:k + r] for k in range(0, len(order), r)]
+        else:
+            batches, longest = [[]], 0
+            for i in rng.permutation(len(self.examples)).tolist():
+                n = len(self.examples[i])
+                if batches[-1] and (len(batches[-1]) + 1) * max(longest, n) > self.tokens_per_batch:
+                    batches.append([])
+                    longest = 0
+                batches[-1].append(i)
+                longest = max(longest, n)
+        W = self.world_size
+        mine = batches[self.rank:len(batches) // W * W:W]
+        if not mine:
+            raise ValueError(f"{len(batches)} batches per epoch cannot feed {W} ranks")
+        self._cached = (epoch, mine)
+        return mine
+
+    def collate(self, batch: list[int]) -> dict[str, Any]:
+        if self.mode == "packed":
+            return pack_rows(self.examples, [self.bins[j] for j in batch], self.seq_len, self.pad_id)
+        return pad_batch([self.examples[i] for i in batch], self.pad_id)
+
+    def efficiency(self, epoch: int = 0) -> float:
+        """Real tokens / slots (B x T) over this rank's batches of an epoch."""
+        real = slots = 0
+        for batch in self.plan(epoch):
+            rows = [self.bins[j] for j in batch] if self.mode == "packed" else [[i] for i in batch]
+            lens = [sum(len(self.examples[i]) for i in row) for row in rows]
+            real, slots = real + sum(lens), slots + len(rows) * (self.seq_len if self.mode == "packed" else max(lens))
+        return real / slots
+
+    def __iter__(self) -> ChatLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.index >= len(self.plan(self.epoch)):
+            self.epoch, self.index = self.epoch + 1, 0
+        self.index += 1
+        return self.collate(self.plan(self.epoch)[self.index - 1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "mode": self.mode,
+                "tokens_per_batch": self.tokens_per_batch, "seq_len": self.seq_len,
+                "n_examples": len(self.examples), "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        diff = [k for k in mine if k not in ("epoch", "index") and state.get(k) != mine[k]]
+        if diff:
+            raise ValueError("loader state does not match this loader: " +
+                             ", ".join(f"{k} {state.get(k)!r} != {mine[k]!r}" for k in diff))
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
