@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tristage.config import arg
+from tristage.io import write_json
 
 
 @dataclass
@@ -27,13 +28,45 @@ class Config:
 
     out: str = arg("runs/demo", help="folder for everything the demo writes")
     seed: int = arg(0, help="seed for the world and every stage")
-    n_stories: int = arg(20000, help="pre-training stories to generate")
+    n_stories: int = arg(30000, help="pre-training stories to generate")
     vocab_size: int = arg(2048, help="BPE vocabulary size")
     depth: int = arg(4, help="model size knob (layers; width 64*depth)")
-    pretrain_steps: int = arg(600, help="pre-training optimizer steps")
+    pretrain_steps: int = arg(400, help="pre-training optimizer steps")
     seq_len: int = arg(256, help="pre-training context length")
     batch_size: int = arg(16, help="pre-training micro-batch")
     fresh: bool = arg(False, help="redo every step even if its output exists")
+
+
+def score_base_model(model_dir: Path, val_txt: Path, seed: int, n: int = 64) -> dict:
+    """Continue the first words of held-out stories with the base model and score the stories with the
+    gold scorer, next to the same stories as written: how much of the world has pre-training learned?"""
+    import torch
+
+    from tristage.data.pretrain import read_documents
+    from tristage.model.hf import load_model
+    from tristage.serve.engine import Engine, SamplingParams
+    from tristage.tokenizer import Tokenizer
+    from tristage.world import score
+
+    docs = [d for d in read_documents(str(val_txt)) if d.strip()][:n]
+    openings = [" ".join(d.split()[:4]) for d in docs]
+    tok = Tokenizer.load(model_dir)
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    outs = Engine(model).generate([tok.encode(o) for o in openings],
+                                  SamplingParams(max_new_tokens=160, temperature=0.7, top_k=50, seed=seed,
+                                                 stop_ids=tok.stop_ids))
+    made = [o + tok.decode(c.tokens, skip_special_tokens=True) for o, c in zip(openings, outs)]
+    ours = [score("", t) for t in made]
+    data = [score("", d) for d in docs]
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    return {"n": len(docs), "model_overall": mean([s.overall for s in ours]),
+            "model_plausibility": mean([s.attributes["plausibility"] for s in ours]),
+            "data_overall": mean([s.overall for s in data]),
+            "data_plausibility": mean([s.attributes["plausibility"] for s in data]),
+            "stopped": mean([c.finish_reason == "stop" for c in outs]), "examples": made[:4]}
 
 
 def _step(name: str, done: Path, fresh: bool) -> bool:
@@ -54,14 +87,14 @@ def main(cfg: Config) -> int:
     t0 = time.perf_counter()
     world = out / "world"
     if _step("world", world / "summary.json", cfg.fresh):
-        generate_main(GenerateConfig(out=str(world), seed=cfg.seed, n_stories=cfg.n_stories))
+        generate_main(GenerateConfig(out=world, seed=cfg.seed, n_stories=cfg.n_stories))
     tok = out / "tokenizer"
     if _step("tokenizer", tok / "tokenizer.json", cfg.fresh):
         train_main(TrainConfig(files=[str(world / "pretrain" / "train.txt")], out=str(tok), vocab_size=cfg.vocab_size))
     shards = out / "shards"
     if _step("prepare", shards / "meta.json", cfg.fresh):
         prepare_main(PrepareConfig(inputs=[str(world / "pretrain" / "train.txt"), str(world / "pretrain" / "val.txt")],
-                                   tokenizer=str(tok), out=str(shards)))
+                                   tokenizer=str(tok), out=str(shards), val_fraction=0.05))
     base = out / "base"
     if _step("pretrain", base / "model" / "tristage.json", cfg.fresh):
         pretrain.main(pretrain.Config(data=str(shards), out=str(base), depth=cfg.depth, seq_len=cfg.seq_len,
@@ -72,5 +105,11 @@ def main(cfg: Config) -> int:
     for line in (base / "samples.jsonl").read_text().splitlines()[-2:]:
         rec = json.loads(line)
         print(f"  {rec['prompt']!r} -> {rec['completion'][:200]!r}")
+    report = {"base": score_base_model(base / "model", world / "pretrain" / "val.txt", cfg.seed)}
+    write_json(out / "report.json", report)
+    b = report["base"]
+    print(f"[demo] base model: {b['n']} stories continued from held-out openings; gold score {b['model_overall']:.3f} "
+          f"(plausibility {b['model_plausibility']:.3f}) vs the corpus itself {b['data_overall']:.3f} "
+          f"({b['data_plausibility']:.3f})")
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s; everything is under {out}/")
     return 0

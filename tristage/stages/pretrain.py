@@ -159,12 +159,13 @@ def write_samples(model: GPT, tokenizer, prompts: list[str], step: int, path: Pa
     """Greedy continuations of the prompts, appended to samples.jsonl."""
     from tristage.serve.engine import Engine, SamplingParams
 
-    engine = Engine(model, tokenizer)
+    engine = Engine(model)
     outs = engine.generate([tokenizer.encode(p) for p in prompts],
-                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids))
     with open(path, "a") as fh:
         for p, o in zip(prompts, outs):
-            fh.write(json.dumps({"step": step, "prompt": p, "completion": tokenizer.decode(o.tokens)}) + "\n")
+            text = tokenizer.decode(o.tokens, skip_special_tokens=True)
+            fh.write(json.dumps({"step": step, "prompt": p, "completion": text}) + "\n")
 
 
 def main(cfg: Config) -> dict:
