@@ -12,6 +12,7 @@ import torch
 
 from tristage.model.gpt import ModelConfig, build_model
 from tristage.stages import pretrain
+from tristage.train.common import accumulate_gradients
 
 
 def _cfg(shards, out, **kw) -> pretrain.Config:
@@ -35,9 +36,9 @@ def test_accumulation_1x8_equals_4x2_gradient():
     for n_micro in (1, 4):
         m.zero_grad()
         rows = 8 // n_micro
-        micro = [(x[i:i + rows], y[i:i + rows]) for i in range(0, 8, rows)]
-        s = pretrain.accumulate_gradients(m, micro, n_global=8 * 16, world_size=1, device=torch.device("cpu"),
-                                          dtype=torch.float32)
+        micro = [{"input_ids": x[i:i + rows], "labels": y[i:i + rows]} for i in range(0, 8, rows)]
+        s = accumulate_gradients(m, micro, n_global=8 * 16, world_size=1, device=torch.device("cpu"),
+                                 dtype=torch.float32)
         grads.append([p.grad.clone() for p in m.parameters()])
         assert s.item() / (8 * 16) == pytest.approx(
             torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten()).item(), rel=1e-5)
@@ -69,15 +70,17 @@ def test_resume_continues_exactly(tiny_shards, tmp_path):
 
 
 def test_nan_loss_stops_without_a_checkpoint(tiny_shards, tmp_path, monkeypatch):
-    real = pretrain.lm_loss_sum
+    import tristage.train.common as common
+
+    real = common.lm_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, x, y, ignore_index=-100):
+    def poisoned(model, batch, ignore_index=-100):
         calls["n"] += 1
-        out = real(model, x, y, ignore_index)
+        out = real(model, batch, ignore_index)
         return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(pretrain, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(common, "lm_loss_sum", poisoned)
     with pytest.raises(FloatingPointError, match="at step 3"):
         pretrain.main(_cfg(tiny_shards, tmp_path / "r", save_every=1, eval_every=0))
     assert json.loads((tmp_path / "r" / "model" / "tristage.json").read_text())["step"] == 2

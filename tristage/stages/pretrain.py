@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from tristage.config import arg, save_config, to_dict
 from tristage.model.gpt import GPT, ModelConfig, build_model
@@ -41,13 +40,16 @@ from tristage.plan import flops_per_token
 from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
+    accumulate_gradients,
     autocast,
+    lm_loss_sum,
     peak_flops,
     progress,
     resolve_dtype,
     rng_state,
     seed_everything,
     set_rng_state,
+    to_device,
 )
 from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
@@ -115,41 +117,17 @@ def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
                                   **over)
 
 
-def lm_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the targets y [B, T] != ignore_index; x [B, T]."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=ignore_index, reduction="sum")
-
-
-def accumulate_gradients(model: torch.nn.Module, micro_batches, n_global: int, world_size: int,
-                         device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Backward over micro-batches so the gradient is that of the mean loss over all `n_global` target
-    tokens of the global batch (every process, every micro-batch). Returns this process's loss sum."""
-    from tristage.train.distributed import no_sync
-
-    micro_batches = list(micro_batches)
-    loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with no_sync(model, i == len(micro_batches) - 1), autocast(device, dtype):
-            s = lm_loss_sum(model, x, y)
-            # DDP/FSDP average gradients over processes: * world_size turns that into a global token mean
-            (s * (world_size / n_global)).backward()
-        loss_sum += s.detach()
-    return loss_sum
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, device, dtype, d: dist.Dist) -> float:
-    """Mean next-token loss over fixed validation batches (identical on every call)."""
+    """Mean next-token loss over fixed validation batches (dicts, see lm_loss_sum; identical on every call)."""
     was = model.training
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    for batch in batches:
+        batch = to_device(batch, device)
         with autocast(device, dtype):
-            total[0] += lm_loss_sum(model, x, y).double()
-        total[1] += (y != -100).sum()
+            total[0] += lm_loss_sum(model, batch).double()
+        total[1] += (batch["labels"] != -100).sum()
     dist.all_reduce_sum(total, d)
     model.train(was)
     return (total[0] / total[1]).item()
@@ -210,7 +188,7 @@ def main(cfg: Config) -> dict:
                          seed=cfg.seed, mode=cfg.loader)
     val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                              seed=cfg.seed + 1, mode="sequential")
-    val_batches = val_loader.val_batches(cfg.eval_batches)
+    val_batches = [{"input_ids": x, "labels": y} for x, y in val_loader.val_batches(cfg.eval_batches)]
     bytes_per_token = val_loader.bytes_per_token
 
     start_step, tokens_seen = 0, 0
@@ -250,7 +228,7 @@ def main(cfg: Config) -> dict:
             lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
             set_lr(opt, lr)
             n_global = tokens_per_step  # fixed-length windows: every target counts
-            micro = (next(loader) for _ in range(cfg.grad_accum))
+            micro = [dict(zip(("input_ids", "labels"), next(loader))) for _ in range(cfg.grad_accum)]
             loss_sum = accumulate_gradients(wrapped, micro, n_global, d.world_size, device, dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(),
                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -67,6 +68,42 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------- the loss and its accumulation
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the targets that are not `ignore_index`.
+
+    batch: input_ids [B, T]; labels [B, T] already aligned with the inputs (labels[:, t] is the token that
+    should follow input_ids[:, :t+1]); optional position_ids [B, T] and attn_mask [B, 1, T, T] (packing).
+    """
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=ignore_index,
+                           reduction="sum")
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], n_global: int,
+                         world_size: int, device: torch.device, dtype: torch.dtype,
+                         loss_fn=None) -> torch.Tensor:
+    """Backward over micro-batches so the gradient is that of the mean loss over all `n_global` target
+    tokens of the global batch (every process, every micro-batch), whatever the split. Returns this
+    process's loss sum (detached). `loss_fn(model, batch) -> sum` defaults to lm_loss_sum."""
+    from tristage.train.distributed import no_sync
+
+    loss_fn = loss_fn or lm_loss_sum
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, device)
+        with no_sync(model, i == len(micro_batches) - 1), autocast(device, dtype):
+            s = loss_fn(model, batch)
+            # DDP/FSDP average gradients over processes: * world_size turns that into a global token mean
+            (s * (world_size / n_global)).backward()
+        loss_sum += s.detach()
+    return loss_sum
 
 
 # ----------------------------------------------------------------------------- throughput
