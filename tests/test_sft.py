@@ -1,0 +1,106 @@
+"""SFT stage: trains on assistant tokens, exports a model that stops, resumes exactly, reports bad data."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tristage.model.gpt import ModelConfig, build_model
+from tristage.model.hf import save_model
+from tristage.stages import sft
+from tristage.tokenizer import Tokenizer
+
+ANIMALS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "owl": "hoot"}
+
+
+@pytest.fixture(scope="module")
+def base_and_data(tiny_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    tok = Tokenizer.load(tiny_shards / "tokenizer")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=256)
+    save_model(build_model(cfg, seed=0), root / "base", tok)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(120):
+        a = rng.choice(list(ANIMALS))
+        msgs = [{"role": "user", "content": f"what does the {a} say?"},
+                {"role": "assistant", "content": f"the {a} says {ANIMALS[a]}."}]
+        if rng.random() < 0.3:
+            b = rng.choice(list(ANIMALS))
+            msgs += [{"role": "user", "content": f"and the {b}?"}, {"role": "assistant", "content": f"{ANIMALS[b]}."}]
+        rows.append({"messages": msgs})
+    (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _cfg(root, out, **kw):
+    base = dict(model=str(root / "base"), data=[str(root / "chats.jsonl")], out=str(out), max_len=64,
+                tokens_per_batch=256, max_steps=8, lr=3e-3, warmup_steps=2, eval_every=4, save_every=4, log_every=1,
+                dtype="float32", progress=False, device="cpu")
+    base.update(kw)
+    return sft.Config(**base)
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def test_sft_learns_and_exports_a_model_that_stops(base_and_data, tmp_path):
+    m = sft.main(_cfg(base_and_data, tmp_path / "r", max_steps=60, eval_every=0, lr=1e-2))
+    losses = _losses(tmp_path / "r")
+    assert losses[60] < 0.5 * losses[1] and m["val_loss"] < losses[1]
+    folder = tmp_path / "r" / "model"
+    gen = json.loads((folder / "generation_config.json").read_text())
+    tok = Tokenizer.load(folder)
+    im_end = tok.token_to_id("<|im_end|>")
+    assert im_end in gen["eos_token_id"]
+    assert tok.chat_template and json.loads((folder / "tristage.json").read_text())["stage"] == "sft"
+    # greedy answers end with the end-of-turn token
+    from tristage.model.hf import load_model
+    from tristage.serve.engine import Engine, SamplingParams
+
+    model = load_model(folder).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"what does the {a} say?"}],
+                                       add_generation_prompt=True) for a in ANIMALS]
+    outs = Engine(model).generate(prompts, SamplingParams(max_new_tokens=40, temperature=0.0, stop_ids=tok.stop_ids))
+    assert sum(o.finish_reason == "stop" and o.tokens[-1] == im_end for o in outs) >= 4
+
+
+def test_sft_resume_is_exact(base_and_data, tmp_path):
+    sft.main(_cfg(base_and_data, tmp_path / "full"))
+    sft.main(_cfg(base_and_data, tmp_path / "split", stop_at=4))
+    sft.main(_cfg(base_and_data, tmp_path / "split", resume=True))
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "split")
+
+
+def test_padded_and_packed_agree_on_validation_loss(base_and_data, tmp_path):
+    a = sft.main(_cfg(base_and_data, tmp_path / "a", max_steps=1, lr=0.0, warmup_steps=0))
+    b = sft.main(_cfg(base_and_data, tmp_path / "b", max_steps=1, lr=0.0, warmup_steps=0, mode="padded"))
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_bad_records_are_reported_or_skipped(base_and_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (base_and_data / "chats.jsonl").read_text()
+    bad.write_text(good + json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:121"):
+        sft.main(_cfg(base_and_data, tmp_path / "r", data=[str(bad)]))
+    m = sft.main(_cfg(base_and_data, tmp_path / "r2", data=[str(bad)], on_error="skip", max_steps=1))
+    assert "loss" in m
+
+
+def test_lora_trains_only_adapters_and_exports_merged_and_peft(base_and_data, tmp_path):
+    pytest.importorskip("tristage.model.lora")
+    sft.main(_cfg(base_and_data, tmp_path / "r", lora_rank=4, lora_alpha=8, lr=1e-2, max_steps=6))
+    assert (tmp_path / "r" / "adapter" / "adapter_config.json").exists()
+    from tristage.model.hf import load_model
+
+    base = load_model(base_and_data / "base")
+    merged = load_model(tmp_path / "r" / "model")
+    changed = [n for (n, p), q in zip(base.named_parameters(), merged.parameters()) if not torch.equal(p, q)]
+    assert changed and all(n.endswith("proj.weight") for n in changed)
