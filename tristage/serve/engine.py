@@ -1,0 +1,296 @@
+"""The generation engine: one batched sampler shared by chat (streaming), RL rollouts (log-probs) and arena battles.
+
+    engine = Engine(model)
+    outs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95,
+                                                                stop_ids=[0], seed=1, logprobs=True))
+    outs[0].tokens, outs[0].finish_reason, outs[0].logprobs
+    for token, finish_reason in engine.stream([1, 2, 3], params): ...
+
+Choices, and why (figures: bench/RESULTS.md, tiny 1M Llama on 2 CPU cores, where a decode step is per-op overhead):
+- One prefill forward over the left-padded batch, then one-token decode steps. Left padding puts every row's next
+  token in the same cache slot, so the model's `KVCache` (one fill pointer for all rows) works unchanged; padding is
+  masked with a per-row key mask and per-row position ids (position = slot - pad), which keeps every row's output
+  equal to running it alone (tested). Padded queries attend to themselves only, so no row of the prefill softmax
+  is empty (an empty one gives NaN keys that would poison later steps as 0 * NaN).
+- Everything per-call is built once and sliced per step: the cache is preallocated to prompt + max_new_tokens,
+  the key mask [B, L] and positions [B, L] are views per step (`valid[:, None, None, :t + 1]`), generated tokens
+  go into a preallocated [B, max_new] buffer. With no padding (one prompt, equal lengths) the mask is None, which
+  takes SDPA's unmasked path.
+- No host sync per step in `generate`: stop tokens are looked for every `check_every` steps (a `.tolist()` is a
+  sync on a GPU and a few ops on a CPU); the result is trimmed at the first stop token anyway, so checking late only
+  costs up to check_every - 1 wasted steps. `stream` syncs every step by nature.
+- Finished rows leave the batch (`KVCache.select`, a copy of the cache) once `compact_at` (25%) of the rows in it
+  have finished; until then they keep decoding, masked out of the results. Measured on rollouts of mixed lengths
+  (bench/RESULTS.md): leaving beats masking by 1.2x at batch 16 and 1.9x at 64; leaving at every single finished
+  row is slower than waiting for a quarter (one cache copy each time).
+- Sampling: temperature, then top-k, then top-p (the order of transformers' warpers), as a pure function
+  `filter_logits`; the draw is argmax(p / E) with E ~ Exp(1) from a seeded `torch.Generator` (the same as
+  multinomial sampling, without a sync), so the same seed and inputs give the same output. E is drawn for the whole
+  original batch every step, so a row's tokens do not depend on when other rows leave. temperature 0 = greedy.
+- Log-probs (`logprobs=True`) are log_softmax of the *raw* logits at the sampled token, fp32: the policy's own
+  log-likelihood that PPO/GRPO ratios and KL need, independent of temperature / top-k / top-p.
+  `sampling_logprobs=True` adds the log-prob under the processed distribution actually sampled from (0 for greedy).
+- `compile=True` compiles the decode step with torch.compile (inductor C++ on CPU) with dynamic shapes over
+  `SlotKVCache` (per-layer buffers written at a slot tensor, attention length taken from the mask's shape), so one
+  graph serves every batch size and length (batch 1 gets its own) and rows can still leave the batch. It pays only
+  after its compile time (bench/RESULTS.md); the default is eager, the fastest for a chat turn or a few batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tristage.model.gpt import GPT, KVCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy (top_k / top_p ignored)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    stop_ids: Sequence[int] = ()  # a row ends at (and includes) the first of these
+    seed: int | None = None  # None: torch's global RNG
+    logprobs: bool = False  # log_softmax(raw logits) at each sampled token (what RL needs)
+    sampling_logprobs: bool = False  # log-prob under the processed (temperature/top-k/top-p) distribution
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids; ends with the stop token when finish_reason == "stop"
+    finish_reason: Literal["stop", "length"]
+    logprobs: list[float] | None = None
+    sampling_logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Top-k then top-p (nucleus) filtering: logits [..., V] -> the same with removed entries at -inf.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p: a token is kept when the
+    mass of the tokens ranked above it is < top_p (so the most likely token is always kept).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs
+        remove = (before >= top_p).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(remove, -math.inf)
+    return logits
+
+
+def sample(logits: Tensor, p: SamplingParams, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """logits [B, V] (fp32) -> tokens [B] and, if asked, their log-probs under the processed distribution [B].
+
+    noise [B, V] ~ Exp(1) (unused when greedy): argmax(probs / noise) is a draw from probs (the exponential race).
+    """
+    if p.temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, (torch.zeros(tok.shape, device=logits.device) if p.sampling_logprobs else None)
+    logits = filter_logits(logits / p.temperature, p.top_k, p.top_p)
+    tok = (logits.softmax(-1) / noise).argmax(-1)
+    lp = logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0] if p.sampling_logprobs else None
+    return tok, lp
+
+
+def prefill_mask(valid: Tensor, T: int, L: int, window: int | None) -> Tensor:
+    """Mask [B, 1, T, L] for a prompt in slots 0..T-1: causal, valid keys only (valid [B, >=L]), within the sliding
+    window; a padded query attends only to itself, so no softmax row is empty."""
+    q, k = torch.arange(T, device=valid.device)[:, None], torch.arange(L, device=valid.device)[None, :]
+    m = k <= q
+    if window:
+        m = m & (k > q - window)
+    m = m[None, None] & valid[:, None, None, :L]
+    return m | (k == q)
+
+
+class SlotKVCache:
+    """The cache seen by a compiled decode step: per-layer k, v [B, kv_heads, max_len, head_dim], new keys written at
+    the slot indices `slot` (a tensor, so the graph does not specialise on the step), attention over the first `n`
+    slots. `n` is the mask's last dimension, a dynamic size: one compiled graph serves every length and batch size."""
+
+    def __init__(self, ks: list[Tensor], vs: list[Tensor], slot: Tensor, n: int):
+        self.ks, self.vs, self.slot, self.n = ks, vs, slot, n
+
+    @classmethod
+    def allocate(cls, model: GPT, batch: int, max_len: int, dtype: torch.dtype) -> SlotKVCache:
+        c, dev = model.config, model.rope_cos.device
+        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
+        new = lambda: [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        return cls(new(), new(), torch.zeros(0, dtype=torch.long, device=dev), 0)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.ks[layer][:, :, self.slot] = k  # index_put_ on a whole buffer: inductor keeps it in place
+        self.vs[layer][:, :, self.slot] = v
+        return self.ks[layer][:, :, : self.n], self.vs[layer][:, :, : self.n]
+
+    def advance(self, n: int) -> None:  # the engine moves `slot`; a Python counter would recompile every step
+        pass
+
+    def select(self, rows: Tensor) -> None:
+        self.ks, self.vs = [k[rows] for k in self.ks], [v[rows] for v in self.vs]
+
+
+class Engine:
+    """Batched prefill + decode over a `GPT`. Not thread-safe: one generate call at a time."""
+
+    def __init__(self, model: GPT, *, compile: bool = False, check_every: int = 4, compact_at: float = 0.25):
+        self.model = model
+        self.compile = compile
+        self.check_every = check_every
+        self.compact_at = compact_at
+        if compile:
+            # cpp_wrapper: the graph's kernels are called from C++, not Python (per-step overhead is the cost here)
+            self._compiled = torch.compile(self._slot_step, dynamic=True, fullgraph=True,
+                                           options={"cpp_wrapper": True})
+
+    def _slot_step(self, tok: Tensor, pos: Tensor, mask: Tensor, ks: list[Tensor], vs: list[Tensor],
+                   slot: Tensor) -> Tensor:
+        return self.model(tok, pos, mask, SlotKVCache(ks, vs, slot, mask.shape[-1]))[:, -1]
+
+    def _decode(self, tok: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | SlotKVCache) -> Tensor:
+        if isinstance(cache, SlotKVCache):
+            return self._compiled(tok, pos, mask, cache.ks, cache.vs, cache.slot)
+        return self.model(tok, pos, mask, cache)[:, -1]
+
+    # ---- public API ---------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+                 generator: torch.Generator | None = None,
+                 on_token: Callable[[list[int], list[int]], None] | None = None) -> list[Completion]:
+        """Complete every prompt (lists of token ids). on_token(rows, tokens), if given, is called after each step
+        with the prompt indices still running and their new tokens (this syncs every step)."""
+        results: list[Completion | None] = [None] * len(prompts)
+        for rows, toks in self._run(prompts, params or SamplingParams(), generator, results, on_token is not None):
+            on_token(rows, toks)  # type: ignore[misc]
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
+               generator: torch.Generator | None = None) -> Iterator[tuple[int, str | None]]:
+        """Yield (token, finish_reason) as each token is produced; finish_reason is None until the last token."""
+        results: list[Completion | None] = [None]
+        pending: int | None = None
+        for _, toks in self._run([prompt], params or SamplingParams(), generator, results, True):
+            if pending is not None:
+                yield pending, None
+            pending = toks[0]
+        if pending is not None:
+            yield pending, results[0].finish_reason  # type: ignore[union-attr]
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _run(self, *args) -> Iterator[tuple[list[int], list[int]]]:
+        training = self.model.training  # generating between training steps (RL) must not leave the model in eval
+        self.model.eval()
+        try:
+            yield from self._loop(*args)
+        finally:
+            self.model.train(training)
+
+    @torch.inference_mode()
+    def _loop(self, prompts: Sequence[Sequence[int]], p: SamplingParams, generator: torch.Generator | None,
+              results: list[Completion | None], stream: bool) -> Iterator[tuple[list[int], list[int]]]:
+        model, cfg = self.model, self.model.config
+        dev = model.rope_cos.device
+        dtype = next(model.parameters()).dtype
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise ValueError("every prompt needs at least one token")
+        lens = [len(x) for x in prompts]
+        B, T = len(prompts), max(lens)
+        max_new = min(p.max_new_tokens, cfg.max_position_embeddings - T)
+        if max_new <= 0:
+            raise ValueError(f"prompt of {T} tokens leaves no room within max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        if generator is None and p.seed is not None:
+            generator = torch.Generator(dev).manual_seed(p.seed)
+        total = T + max_new
+
+        # per-call tensors, built once and sliced per step: left-padded ids, key validity, positions
+        pad = torch.tensor([T - n for n in lens], device=dev)
+        ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+        for i, x in enumerate(prompts):
+            ids[i, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
+        kpos = torch.arange(total, device=dev)
+        valid = kpos[None, :] >= pad[:, None]  # [B, total]
+        pos = (kpos[None, :] - pad[:, None]).clamp_(min=0)
+        window = cfg.sliding_window if cfg.sliding_window is not None and total > cfg.sliding_window else None
+        padded = any(n != T for n in lens)
+
+        if self.compile:
+            cache: KVCache | SlotKVCache = SlotKVCache.allocate(model, B, total, dtype)
+            cache.slot, cache.n = kpos[:T], T
+        else:
+            cache = KVCache(cfg, B, total, dev, dtype)
+        mask = prefill_mask(valid, T, T, window) if padded or window else None
+        logits = model(ids, pos[:, :T], mask, cache, last_only=True)[:, -1]
+
+        tokens = torch.empty(B, max_new, dtype=torch.long, device=dev)
+        lps = torch.empty(B, max_new, device=dev) if p.logprobs else None
+        slps = torch.empty(B, max_new, device=dev) if p.sampling_logprobs else None
+        stops = torch.tensor(list(p.stop_ids), dtype=torch.long, device=dev) if p.stop_ids else None
+        rows = list(range(B))  # prompt index of each row of the running batch
+        row_idx: Tensor | None = None  # the same as a tensor, once rows have left
+        live = [True] * B  # rows not finished yet (finished rows may still be in the batch, masked)
+        checked = 0  # steps already searched for stop tokens
+
+        def finish(r: int, n: int, reason: Literal["stop", "length"]) -> None:
+            results[rows[r]] = Completion(tokens[r, :n].tolist(), reason,
+                                          lps[r, :n].tolist() if lps is not None else None,
+                                          slps[r, :n].tolist() if slps is not None else None, lens[rows[r]])
+            live[r] = False
+
+        for i in range(max_new):
+            logits = logits.float()
+            noise = None
+            if p.temperature != 0:  # drawn for the whole original batch: a row's draws do not depend on who left
+                noise = torch.empty(B, logits.shape[-1], device=dev).exponential_(1, generator=generator)
+                noise = noise[row_idx] if row_idx is not None else noise
+            tok, slp = sample(logits, p, noise)
+            tokens[:, i] = tok
+            if lps is not None:
+                lps[:, i] = logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+            if slps is not None:
+                slps[:, i] = slp
+            if stream:
+                toks = tok.tolist()
+                yield [rows[r] for r in range(len(rows)) if live[r]], [toks[r] for r in range(len(rows)) if live[r]]
+            if stops is not None and (stream or (i + 1) % self.check_every == 0 or i == max_new - 1):
+                hit = torch.isin(tokens[:, checked: i + 1], stops)
+                first = torch.where(hit.any(1), hit.int().argmax(1), -1).tolist()
+                for r, f in enumerate(first):
+                    if live[r] and f >= 0:
+                        finish(r, checked + f + 1, "stop")
+                checked = i + 1
+                if not any(live):
+                    return
+                done = live.count(False)
+                if done >= max(1, self.compact_at * len(rows)):
+                    keep = [r for r in range(len(rows)) if live[r]]
+                    idx = torch.tensor(keep, device=dev)
+                    cache.select(idx)
+                    tokens, tok, valid, pos = tokens[idx], tok[idx], valid[idx], pos[idx]
+                    lps = lps[idx] if lps is not None else None
+                    slps = slps[idx] if slps is not None else None
+                    rows, live = [rows[r] for r in keep], [True] * len(keep)
+                    row_idx = torch.tensor(rows, device=dev)
+                    padded = padded and bool((~valid[:, :T]).any())
+            if i == max_new - 1:
+                break
+            t = T + i  # the slot this step's token goes into
+            m = valid[:, None, None, :t + 1] if padded or window or self.compile else None  # compiled: n from mask
+            if window:
+                m = m & (kpos[:t + 1] > t - window)
+            if self.compile:
+                cache.slot = kpos[t:t + 1]
+            logits = self._decode(tok[:, None], pos[:, t:t + 1], m, cache)
+        for r in range(len(rows)):
+            if live[r]:
+                finish(r, max_new, "length")
+

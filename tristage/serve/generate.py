@@ -1,0 +1,138 @@
+"""Sample from a model folder: one prompt to the terminal, or a JSONL file of prompts to a JSONL file of answers.
+
+    tristage generate runs/sft/final --prompt "Where did the dog sit?" --chat
+    tristage generate runs/sft/final --input prompts.jsonl --output answers.jsonl --temperature 0 --batch-size 32
+
+Each input line has `prompt` (text, continued as is, or as a user turn with --chat) or `messages` (a chat,
+rendered with the tokenizer's chat template and a generation prompt); output lines keep every input field and add
+`response`, `finish_reason` ("stop" or "length") and `num_tokens`. Generation stops at the tokenizer's stop ids
+(eos and the end-of-turn token) and at the eos ids in generation_config.json. A bad line stops the run with its
+file and line number. Prompts are batched by length (less padding) and written back in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tristage.config import arg
+from tristage.io import DataError, read_jsonl, write_jsonl
+
+
+@dataclass
+class Config:
+    """Sample completions from a model folder (prompt mode, or JSONL in / JSONL out)."""
+
+    model: str = arg(help="model folder (Hugging Face format: config.json, model.safetensors, tokenizer.json)",
+                     positional=True)
+    prompt: str | None = arg(None, help="a prompt: prints its completion")
+    chat: bool = arg(False, help="treat --prompt (and `prompt` lines) as a user message in the chat template")
+    input: str | None = arg(None, help="JSONL of {prompt | messages, ...} lines")
+    output: str | None = arg(None, help="JSONL to write: the input fields + response, finish_reason, num_tokens")
+    max_new_tokens: int = arg(256, help="tokens to generate at most per prompt")
+    temperature: float = arg(0.8, help="sampling temperature; 0 = greedy")
+    top_k: int = arg(0, help="keep only the k most likely tokens (0 = off)")
+    top_p: float = arg(0.95, help="nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
+    seed: int = arg(0, help="random seed (the same seed and inputs give the same outputs)")
+    batch_size: int = arg(16, help="prompts decoded together in JSONL mode")
+    device: str = arg("cpu", help="cpu, cuda, cuda:1, mps")
+    dtype: str = arg("float32", help="float32, bfloat16, float16, or auto")
+    compile: bool = arg(False, help="torch.compile the decode step (pays off for long JSONL runs only)")
+
+
+def stop_ids(tok: Any, folder: Path) -> list[int]:
+    ids = list(tok.stop_ids)
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return list(dict.fromkeys(ids))
+
+
+def encode_prompt(tok: Any, prompt: str | None, messages: list[dict] | None, chat: bool) -> list[int]:
+    if messages is None and chat:
+        messages = [{"role": "user", "content": prompt}]
+    if messages is not None:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tok.encode(prompt, add_special_tokens=True)
+    if not ids:  # an empty prompt starts a new document
+        ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    return list(ids)
+
+
+def response_text(tok: Any, tokens: list[int], finish_reason: str) -> str:
+    return tok.decode(tokens[:-1] if finish_reason == "stop" else tokens, skip_special_tokens=True)
+
+
+def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    for line, obj in read_jsonl(path):
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in msgs):
+                raise DataError(path, line, "expected a list of {role, content} objects", "messages")
+        elif "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise DataError(path, line, f"expected text, got {type(obj['prompt']).__name__}", "prompt")
+        else:
+            raise DataError(path, line, "a line needs `prompt` (text) or `messages` (a chat)")
+        rows.append((line, obj))
+    return rows
+
+
+def main(cfg: Config) -> int:
+    from tristage.model.hf import load_model
+    from tristage.serve.engine import Engine, SamplingParams
+    from tristage.tokenizer import Tokenizer
+    from tristage.train.common import progress, resolve_dtype
+
+    if (cfg.prompt is None) == (cfg.input is None):
+        raise SystemExit("give either --prompt TEXT or --input FILE.jsonl (with --output FILE.jsonl)")
+    if cfg.input is not None and cfg.output is None:
+        raise SystemExit("--input needs --output FILE.jsonl")
+    rows = read_prompts(cfg.input) if cfg.input else []  # validate the whole file before loading the model
+    device = torch.device(cfg.device)
+    folder = Path(cfg.model)
+    tok = Tokenizer.load(folder)
+    model = load_model(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    engine = Engine(model, compile=cfg.compile)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, stop_ids=stop_ids(tok, folder), seed=cfg.seed)
+
+    if cfg.prompt is not None:  # stream to the terminal, printing only whole characters
+        ids, shown, tokens = encode_prompt(tok, cfg.prompt, None, cfg.chat), "", []
+        for t, reason in engine.stream(ids, params):
+            tokens.append(t)
+            text = response_text(tok, tokens, reason or "length")
+            if reason is not None or not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write("\n")
+        return 0
+
+    encoded = [encode_prompt(tok, o.get("prompt"), o.get("messages"), cfg.chat) for _, o in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))  # similar lengths together: less padding
+    answers: list[dict[str, Any] | None] = [None] * len(rows)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    n_tokens = 0
+    with progress() as bar:
+        task = bar.add_task("generate", total=len(rows), info="")
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            outs = engine.generate([encoded[i] for i in idx], params, generator=generator)
+            for i, o in zip(idx, outs):
+                answers[i] = {**rows[i][1], "response": response_text(tok, o.tokens, o.finish_reason),
+                              "finish_reason": o.finish_reason, "num_tokens": len(o.tokens)}
+                n_tokens += len(o.tokens)
+            bar.update(task, advance=len(idx), info=f"{n_tokens} tokens")
+    write_jsonl(cfg.output, answers)  # type: ignore[arg-type]
+    print(f"wrote {len(answers)} answers to {cfg.output}")
+    return 0
