@@ -442,3 +442,22 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
     assert main(["world", "generate", "--out", str(tmp_path / "w2"), "--n-stories", "20", "--n-sft", "5",
                  "--n-pref", "5", "--n-eval", "5", "--quiet"]) == 0  # fmt: skip
     assert (tmp_path / "w2/eval/prompts.jsonl").exists()
+
+
+def test_no_fact_answer_is_empty():
+    """Regression: a 'wrong character' flaw once picked an animal without a sound and wrote an empty answer."""
+    import random
+
+    from tristage.world.entities import ANIMALS
+    from tristage.world.prompts import RELATIONS, Request
+    from tristage.world.stories import FLAWS, Style, write_answer
+
+    for a in ANIMALS:
+        for rel in RELATIONS:
+            if rel == "sound" and not a.sound:
+                continue
+            for flaw in (None, *FLAWS):
+                for seed in range(20):
+                    req = Request("fact", char=a.word, relation=rel)
+                    text = write_answer(random.Random(seed), req, Style(details=0, flaw=flaw))
+                    assert text.strip(), (a.word, rel, flaw, seed)

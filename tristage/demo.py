@@ -7,7 +7,9 @@ What it runs today, each step a real stage writing its own folder under --out:
   2. tokenizer  train a byte-level BPE tokenizer on the world's pre-training stories
   3. prepare    tokenize the stories into token shards
   4. pretrain   pre-train a small Llama-family model from scratch
-  5. sample     generate continuations of held-out story openings and score them with the gold scorer
+  5. sample     continue held-out story openings with the base model; score them with the gold scorer
+  6. sft        instruction-tune the base model on the world's conversations
+  7. evaluate   base and SFT models answer held-out prompts; gold scores and the share that end their turn
 Steps whose output already exists are skipped, so an interrupted demo continues where it stopped.
 """
 
@@ -34,6 +36,9 @@ class Config:
     pretrain_steps: int = arg(400, help="pre-training optimizer steps")
     seq_len: int = arg(256, help="pre-training context length")
     batch_size: int = arg(16, help="pre-training micro-batch")
+    sft_epochs: float = arg(2.0, help="instruction-tuning passes over the world's conversations")
+    sft_lr: float = arg(1e-3, help="instruction-tuning learning rate")
+    eval_prompts: int = arg(100, help="held-out prompts the base and SFT models answer for the gold scorer")
     fresh: bool = arg(False, help="redo every step even if its output exists")
 
 
@@ -79,7 +84,8 @@ def _step(name: str, done: Path, fresh: bool) -> bool:
 
 def main(cfg: Config) -> int:
     from tristage.data.pretrain import PrepareConfig, prepare_main
-    from tristage.stages import pretrain
+    from tristage.eval.world import evaluate_chat_model
+    from tristage.stages import pretrain, sft
     from tristage.tokenizer import TrainConfig, train_main
     from tristage.world.cli import GenerateConfig, generate_main
 
@@ -106,10 +112,25 @@ def main(cfg: Config) -> int:
         rec = json.loads(line)
         print(f"  {rec['prompt']!r} -> {rec['completion'][:200]!r}")
     report = {"base": score_base_model(base / "model", world / "pretrain" / "val.txt", cfg.seed)}
-    write_json(out / "report.json", report)
     b = report["base"]
     print(f"[demo] base model: {b['n']} stories continued from held-out openings; gold score {b['model_overall']:.3f} "
           f"(plausibility {b['model_plausibility']:.3f}) vs the corpus itself {b['data_overall']:.3f} "
           f"({b['data_plausibility']:.3f})")
+
+    chat = out / "sft"
+    if _step("sft", chat / "model" / "tristage.json", cfg.fresh):
+        sft.main(sft.Config(model=str(base / "model"), data=[str(world / "sft" / "train.jsonl")],
+                            val_data=[str(world / "sft" / "val.jsonl")], out=str(chat), epochs=cfg.sft_epochs,
+                            lr=cfg.sft_lr, max_len=cfg.seq_len, seed=cfg.seed, eval_every=0, save_every=0))
+    prompts = world / "eval" / "prompts.jsonl"
+    for name, folder in (("base", base), ("sft", chat)):
+        r = evaluate_chat_model(folder / "model", prompts, limit=cfg.eval_prompts)
+        report[f"{name}_chat"] = r
+        print(f"[demo] {name} model on {r['n']} held-out prompts: gold overall {r['overall']:.3f}, "
+              f"instruction following {r['attributes']['instruction_following']:.3f}, "
+              f"ends its turn {r['stop_rate']:.0%}")
+    ex = report["sft_chat"]["examples"][0]
+    print(f"[demo] e.g. {ex['prompt']!r}\n       -> {ex['answer'][:300]!r} (gold {ex['score']:.2f})")
+    write_json(out / "report.json", report)
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s; everything is under {out}/")
     return 0

@@ -452,7 +452,9 @@ def write_answer(rng: random.Random, req: Request, style: Style = Style()) -> st
     """An answer to a fact question; `style.details` adds a related fact, flaws make it wrong or long."""
     hero = CHARACTERS[req.char]
     if style.flaw == "wrong_character":
-        hero = rng.choice([c for c in CHARACTERS.values() if c.kind == "animal" and c is not hero])
+        # another animal that can still answer the relation asked (not every animal makes a sound)
+        hero = rng.choice([c for c in CHARACTERS.values() if c.kind == "animal" and c is not hero
+                           and (req.relation != "sound" or c.sound)])
     w = Writer(rng, hero, PLACES[sorted(hero.places)[0]], "morning", "sunny", "happy")
     w.pending_absurd = style.flaw == "wrong_fact"
     w.say(_tpl(_FACT[req.relation]))
