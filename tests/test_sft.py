@@ -104,3 +104,24 @@ def test_lora_trains_only_adapters_and_exports_merged_and_peft(base_and_data, tm
     merged = load_model(tmp_path / "r" / "model")
     changed = [n for (n, p), q in zip(base.named_parameters(), merged.parameters()) if not torch.equal(p, q)]
     assert changed and all(n.endswith("proj.weight") for n in changed)
+
+
+def test_terminal_chat_streams_and_keeps_history(base_and_data, tmp_path):
+    import io
+
+    from tristage.model.hf import load_model
+    from tristage.serve.chat import chat_loop
+    from tristage.serve.engine import SamplingParams
+
+    sft.main(_cfg(base_and_data, tmp_path / "r", max_steps=60, eval_every=0, lr=1e-2))
+    folder = tmp_path / "r" / "model"
+    tok = Tokenizer.load(folder)
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, stop_ids=tok.stop_ids)
+    out = io.StringIO()
+    history = chat_loop(load_model(folder).eval(), tok, params, None,
+                        io.StringIO("what does the dog say?\n/reset\nwhat does the cat say?\nand the cow?\n"), out)
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[0]["content"] == "what does the cat say?"
+    assert "(history cleared)" in out.getvalue() and out.getvalue().count("model> ") == 3
+    first = out.getvalue().split("(history cleared)")[0]
+    assert "says" in first and "[cut" not in first  # streamed a whole answer that ended its turn

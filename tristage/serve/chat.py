@@ -1,0 +1,91 @@
+"""`tristage chat MODEL`: a terminal chat with streaming tokens and multi-turn history.
+
+Commands inside the chat: /reset (forget the history), /system TEXT (set a system prompt and reset),
+/exit (or Ctrl-D). Each turn renders the whole history with the model's chat template and streams the
+answer from the shared generation engine, stopping at the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from tristage.config import arg
+
+
+@dataclass
+class Config:
+    """Chat with a model in the terminal (streaming, multi-turn, /reset)."""
+
+    model: str = arg(help="model folder with a chat template (e.g. runs/demo/sft/model)", positional=True)
+    system: str | None = arg(None, help="system prompt")
+    max_new_tokens: int = arg(256, help="tokens per answer at most")
+    temperature: float = arg(0.7, help="sampling temperature; 0 = greedy")
+    top_k: int = arg(0, help="keep only the k most likely tokens (0 = off)")
+    top_p: float = arg(0.9, help="nucleus sampling mass (1 = off)")
+    seed: int = arg(0, help="random seed")
+    device: str = arg("cpu", help="cpu, cuda, ...")
+
+
+def chat_loop(model, tok, params, system: str | None, stdin: TextIO, stdout: TextIO) -> list[dict[str, str]]:
+    """Run the chat until /exit or end of input; returns the final history."""
+    from tristage.serve.engine import Engine
+    from tristage.serve.generate import response_text
+
+    engine = Engine(model)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(params.seed or 0)
+    while True:
+        stdout.write("you> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return history
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            stdout.write("(history cleared)\n")
+            continue
+        if line.startswith("/system "):
+            system = line[len("/system "):].strip()
+            history = [{"role": "system", "content": system}]
+            stdout.write("(system prompt set, history cleared)\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True)
+        stdout.write("model> ")
+        tokens, shown = [], ""
+        for t, reason in engine.stream(ids, params, generator=generator):
+            tokens.append(t)
+            text = response_text(tok, tokens, reason or "length")
+            if reason is not None or not text.endswith("\ufffd"):
+                stdout.write(text[len(shown):])
+                stdout.flush()
+                shown = text
+        stdout.write("\n" if reason == "stop" else " [cut at --max-new-tokens]\n")
+        history.append({"role": "assistant", "content": shown.strip()})
+
+
+def main(cfg: Config) -> int:
+    from tristage.model.hf import load_model
+    from tristage.serve.engine import SamplingParams
+    from tristage.serve.generate import stop_ids
+    from tristage.tokenizer import Tokenizer
+
+    folder = Path(cfg.model)
+    tok = Tokenizer.load(folder)
+    if not tok.chat_template:
+        raise SystemExit(f"{folder}: the tokenizer has no chat template; use `tristage generate` for a base model")
+    model = load_model(folder, device=cfg.device, dtype=torch.float32)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, stop_ids=stop_ids(tok, folder), seed=cfg.seed)
+    print(f"chatting with {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params); "
+          "/reset, /system TEXT, /exit")
+    chat_loop(model, tok, params, cfg.system, sys.stdin, sys.stdout)
+    return 0
