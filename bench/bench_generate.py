@@ -188,6 +188,7 @@ def main() -> int:
         warm_probe(args.warm_probe)
         return 0
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     hf, ours = build_models(tmp)
     eager = Engine(ours)
@@ -257,10 +258,13 @@ def main() -> int:
     print(table)
     early = early_stop_table(ours, args.repeats)
     print("\n" + early)
+    load = f"1-minute load average {load_before:.2f} when the run started"
+    if load_before > 0.75 * (os.cpu_count() or 1):
+        print(f"\nWARNING: {load}: other processes share the CPU, the figures are unreliable", file=sys.stderr)
     text = f"""Greedy decoding, {PROMPT}-token prompts, exactly {NEW} new tokens, fp32, the issue's tiny Llama
 (hidden 128, 4 layers, 4 heads, intermediate 512, vocab 71, tied; 1.06M parameters),
 torch.set_num_threads({args.threads}).
-Median of {args.repeats} interleaved repeats; all methods produce identical tokens (checked).
+Median of {args.repeats} interleaved repeats; all methods produce identical tokens (checked); {load}.
 Machine: {cpu_name()}, {os.cpu_count()} vCPU; torch {torch.__version__}, transformers {transformers.__version__}.
 Command: `.venv/bin/python bench/bench_generate.py{' --no-compile' if args.no_compile else ''}`
 

@@ -71,3 +71,10 @@ def test_cli_top_level_help_and_unknown_command(capsys):
     assert "pretrain" in out and "generate" in out
     assert cli_main(["nope"]) == 2
     assert "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    assert cli_main(["world", "score", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err

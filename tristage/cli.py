@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg_cls, fn, mod = _load(entry[0])
         desc = (mod.__doc__ or entry[1]).strip()
         cfg = parse(cfg_cls, argv, prog=prefix, description=desc)
-        result = fn(cfg)
+        from tristage.io import DataError
+
+        try:
+            result = fn(cfg)
+        except DataError as e:  # bad input: the file, line and field say it all; no traceback
+            print(f"{prefix}: {e}", file=sys.stderr)
+            return 2
         return result if isinstance(result, int) else 0
 
 
