@@ -76,5 +76,7 @@ def test_cli_top_level_help_and_unknown_command(capsys):
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
-    assert cli_main(["world", "score", str(bad)]) == 2
-    assert "bad.jsonl:2" in capsys.readouterr().err
+    out = tmp_path / "out.jsonl"
+    assert cli_main(["generate", str(tmp_path), "--input", str(bad), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "Traceback" not in err and not out.exists()
