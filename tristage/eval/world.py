@@ -3,7 +3,8 @@
 The model answers each prompt through its own chat template (the shared generation engine, batched);
 the gold scorer rates every answer per attribute. Also counted: the share of answers that end with the
 end-of-turn token rather than running into the token limit (a model that never stops is the classic
-SFT failure). Used by the demo and by the stages' reports.
+SFT failure; stopping on end-of-text instead, as a base model does at once, does not count).
+Used by the demo and by the stages' reports.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 160, temperature: float = 0.0,
            seed: int = 0, batch_size: int = 64) -> list[tuple[str, bool]]:
-    """(answer text, ended with a stop token) for each prompt, as a single user turn."""
+    """(answer text, ended with the end-of-turn token) for each prompt, as a single user turn."""
     from tristage.serve.engine import Engine, SamplingParams
 
     engine = Engine(model)
@@ -28,7 +29,9 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 160, temp
         ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in chunk]
         for c in engine.generate(ids, params):
-            results.append((tokenizer.decode(c.tokens, skip_special_tokens=True).strip(), c.finish_reason == "stop"))
+            # ended its turn: stopped on the end-of-turn token, not on end-of-text (a base model's empty answer)
+            turn_end = c.finish_reason == "stop" and (c.tokens[-1] != tokenizer.eos_id or len(tokenizer.stop_ids) == 1)
+            results.append((tokenizer.decode(c.tokens, skip_special_tokens=True).strip(), turn_end))
     return results
 
 
