@@ -41,15 +41,13 @@ from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
     accumulate_gradients,
-    autocast,
-    lm_loss_sum,
+    evaluate_loss,
     peak_flops,
     progress,
     resolve_dtype,
     rng_state,
     seed_everything,
     set_rng_state,
-    to_device,
 )
 from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
@@ -115,22 +113,6 @@ def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_depth(cfg.depth, vocab_size, rope_theta=cfg.rope_theta,
                                   tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.seq_len,
                                   **over)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device, dtype, d: dist.Dist) -> float:
-    """Mean next-token loss over fixed validation batches (dicts, see lm_loss_sum; identical on every call)."""
-    was = model.training
-    model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
-    for batch in batches:
-        batch = to_device(batch, device)
-        with autocast(device, dtype):
-            total[0] += lm_loss_sum(model, batch).double()
-        total[1] += (batch["labels"] != -100).sum()
-    dist.all_reduce_sum(total, d)
-    model.train(was)
-    return (total[0] / total[1]).item()
 
 
 def write_samples(model: GPT, tokenizer, prompts: list[str], step: int, path: Path, max_new_tokens: int = 64) -> None:
@@ -250,7 +232,7 @@ def main(cfg: Config) -> dict:
                 log.log(done, **metrics)
                 bar.update(task, info=f"loss {loss.item():.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
-                vl = evaluate(wrapped, val_batches, device, dtype, d)
+                vl = evaluate_loss(wrapped, val_batches, device, dtype, d)
                 metrics.update(val_loss=vl, val_bpb=vl / math.log(2) / bytes_per_token)
                 log.log(done, val_loss=vl, val_bpb=metrics["val_bpb"])
                 if d.is_main:

@@ -39,14 +39,12 @@ from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
     accumulate_gradients,
-    autocast,
-    lm_loss_sum,
+    evaluate_loss,
     progress,
     resolve_dtype,
     rng_state,
     seed_everything,
     set_rng_state,
-    to_device,
 )
 from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
@@ -126,21 +124,6 @@ def load_chats(cfg: Config, tokenizer):
     if not tr:
         raise ValueError(f"sft: no usable training conversations in {cfg.data}")
     return tr, va, notes
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, dtype, d) -> float:
-    was = model.training
-    model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
-    for batch in batches:
-        batch = to_device(batch, device)
-        with autocast(device, dtype):
-            total[0] += lm_loss_sum(model, batch).double()
-        total[1] += (batch["labels"] != -100).sum()
-    dist.all_reduce_sum(total, d)
-    model.train(was)
-    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def main(cfg: Config) -> dict:
@@ -260,7 +243,7 @@ def main(cfg: Config) -> dict:
                 log.log(done, **metrics)
                 bar.update(task, info=f"loss {loss:.3f}  {tps:,.0f} tok/s")
             if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == max_steps):
-                vloss = evaluate(wrapped, val_batches, device, dtype, d)
+                vloss = evaluate_loss(wrapped, val_batches, device, dtype, d)
                 metrics["val_loss"] = vloss
                 log.log(done, val_loss=vloss)
                 if d.is_main:

@@ -106,6 +106,26 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[dict[str, t
     return loss_sum
 
 
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                  dtype: torch.dtype, d: Any = None) -> float:
+    """Mean next-token loss over all target tokens of fixed validation batches (on every process, under DDP)."""
+    from tristage.train.distributed import all_reduce_sum
+
+    was = model.training
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, dtype):
+            total[0] += lm_loss_sum(model, batch).double()
+        total[1] += (batch["labels"] != -100).sum()
+    if d is not None:
+        all_reduce_sum(total, d)
+    model.train(was)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
 # ----------------------------------------------------------------------------- throughput
 _PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
 _GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "A10": 125e12}
