@@ -38,7 +38,7 @@ class Config:
     batch_size: int = arg(16, help="pre-training micro-batch")
     sft_epochs: float = arg(2.0, help="instruction-tuning passes over the world's conversations")
     sft_lr: float = arg(1e-3, help="instruction-tuning learning rate")
-    eval_prompts: int = arg(100, help="held-out prompts the base and SFT models answer for the gold scorer")
+    eval_prompts: int = arg(200, help="held-out prompts the base and SFT models answer for the gold scorer")
     fresh: bool = arg(False, help="redo every step even if its output exists")
 
 
