@@ -161,27 +161,25 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     return config_from_hf(json.loads(path.read_text()), source=str(path))
 
 
-def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """Load a Hugging Face (or tristage) model folder. dtype None keeps the checkpoint's dtype."""
-    folder = Path(folder)
-    cfg = read_config(folder)
-    files = _weight_files(folder)
+def read_tensors(folder: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder's safetensors file(s), by name."""
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _weight_files(Path(folder)):
         with safe_open(str(f), framework="pt", device=str(device)) as sf:
             for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 tensors[k] = sf.get_tensor(k)
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-    if dtype is None:
-        dtype = next((t.dtype for k, t in tensors.items() if k.endswith("embed_tokens.weight")), torch.float32)
-    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    return tensors
+
+
+def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: str | os.PathLike,
+                 dtype: torch.dtype) -> None:
+    """Copy `tensors` into `model`, refusing missing, unexpected or misshapen weights (naming them)."""
     expected = set(model.state_dict())
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if missing or unexpected:
         raise UnsupportedModelError(
-            f"{folder}: weights do not match a {cfg.architecture} model of this config; "
+            f"{folder}: weights do not match a {model.config.architecture} {type(model).__name__} of this config; "
             f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
     with torch.no_grad():
         for k, p in model.state_dict().items():
@@ -190,6 +188,19 @@ def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dt
                 raise UnsupportedModelError(
                     f"{folder}: {k} has shape {tuple(t.shape)}, config implies {tuple(p.shape)}")
             p.copy_(t.to(dtype))
+
+
+def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """Load a Hugging Face (or tristage) model folder. dtype None keeps the checkpoint's dtype."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    tensors = read_tensors(folder, device)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    if dtype is None:
+        dtype = next((t.dtype for k, t in tensors.items() if k.endswith("embed_tokens.weight")), torch.float32)
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    copy_weights(model, tensors, folder, dtype)
     return model
 
 
@@ -206,7 +217,8 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
                generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
                dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
                training_state: dict[str, Any] | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               state_dict: dict[str, torch.Tensor] | None = None,
+               config_overrides: dict[str, Any] | None = None) -> Path:
     """Write `model` as a Hugging Face folder, atomically replacing `folder`.
 
     tokenizer: anything with `save(folder)` (tristage.tokenizer.Tokenizer); its eos/stop ids go into
@@ -214,6 +226,7 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
     training_state: torch-saved as training_state.pt in the same folder, so weights and the state to
     resume them (optimizer, data position, RNG) are replaced together or not at all.
     state_dict: the weights to write, when `model` is sharded (FSDP) and its own state dict is not full.
+    config_overrides: keys set in config.json after translation (e.g. a sequence-classification head).
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +235,7 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
     dtype = dtype or next(iter(state.values())).dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     hf = config_to_hf(cfg, dtype)
+    hf.update(config_overrides or {})
     gen = dict(generation_config or {})
     if tokenizer is not None:
         for key, attr in (("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
