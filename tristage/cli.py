@@ -20,13 +20,10 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "chat": ("tristage.serve.chat:Config:main", "chat with a model in the terminal (streaming, multi-turn)"),
     "generate": ("tristage.serve.generate:Config:main", "sample from a model: --prompt text, or JSONL in/out"),
     "demo": ("tristage.demo:Config:main", "run the pipeline on the demo world (what `make demo` runs)"),
+    "reward": ("tristage.stages.reward:Config:main", "stage 3a: train a reward model on preference pairs"),
+    "dpo": ("tristage.stages.dpo:Config:main", "stage 3a: DPO / IPO / cDPO / SimPO / ORPO on preference pairs"),
     "world": {
-        "prepare": ("tristage.data.pretrain:PrepareConfig:prepare_main", "tokenize corpora into token shards"),
-    "pretrain": ("tristage.stages.pretrain:Config:main", "stage 1: pre-train a model on token shards"),
-    "plan": ("tristage.plan:Config:main", "compute planner: FLOPs, time, cost, compute-optimal size"),
-    "sft": ("tristage.stages.sft:Config:main", "stage 2: instruction-tune a model on chats (full or LoRA)"),
-    "chat": ("tristage.serve.chat:Config:main", "chat with a model in the terminal (streaming, multi-turn)"),
-    "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
+        "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
         "score": ("tristage.world.cli:ScoreConfig:score_main", "score prompts + responses with the gold scorer"),
     },
 }

@@ -1,0 +1,103 @@
+"""Reward stage: learns a preference, exports a model transformers scores identically, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tristage.model.gpt import ModelConfig, build_model
+from tristage.model.hf import save_model
+from tristage.stages import reward
+from tristage.tokenizer import Tokenizer
+
+SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "owl": "hoot"}
+
+
+def pairs(n: int, seed: int, ratings: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a = rng.choice(list(SOUNDS))
+        wrong = rng.choice([s for k, s in SOUNDS.items() if k != a])
+        row = {"prompt": f"what does the {a} say?", "chosen": f"the {a} says {SOUNDS[a]}.",
+               "rejected": f"the {a} says {wrong}."}
+        if ratings:
+            fluency = 5 if a in ("dog", "cat") else 4  # learnable from the text, unrelated to the preference
+            row["ratings"] = {"chosen": {"truth": 5, "fluency": fluency}, "rejected": {"truth": 1, "fluency": fluency}}
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    tok = Tokenizer.load(tiny_shards / "tokenizer")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=128)
+    save_model(build_model(cfg, seed=0), root / "base", tok)
+    for name, rows in (("train", pairs(160, 0)), ("val", pairs(40, 1)), ("rated", pairs(160, 2, ratings=True))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _cfg(root, out, **kw):
+    base = dict(model=str(root / "base"), data=[str(root / "train.jsonl")], val_data=[str(root / "val.jsonl")],
+                out=str(out), batch_size=16, max_steps=150, lr=3e-3, warmup_steps=5, eval_every=0, log_every=5,
+                dtype="float32", progress=False, device="cpu")
+    return reward.Config(**{**base, **kw})
+
+
+def test_reward_model_learns_and_transformers_agrees(setup, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from tristage.data.preference import encode_reply
+    from tristage.model.reward import load_reward_model
+
+    m = reward.main(_cfg(setup, tmp_path / "rm"))
+    assert m["val_accuracy"] >= 0.9, m
+    assert m["val_margin"] > 0.5
+    rm = load_reward_model(tmp_path / "rm" / "model").eval()
+    tok = Tokenizer.load(tmp_path / "rm" / "model")
+    prompt = [{"role": "user", "content": "what does the cow say?"}]
+    ids = [encode_reply(tok, prompt, t)[0] for t in ("the cow says moo.", "the cow says woof.")]
+    T = max(map(len, ids))
+    x = torch.tensor([r + [tok.pad_id] * (T - len(r)) for r in ids])
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
+    with torch.no_grad():
+        ours = rm(x, torch.tensor([len(r) - 1 for r in ids]))
+        theirs = hf(input_ids=x, attention_mask=(x != tok.pad_id).long()).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    assert ours[0, 0] > ours[1, 0]  # the true sound scores higher
+
+
+def test_reward_resume_is_exact(setup, tmp_path):
+    full = tmp_path / "full"
+    reward.main(_cfg(setup, full, max_steps=12, save_every=0))
+    part = tmp_path / "part"
+    reward.main(_cfg(setup, part, max_steps=12, stop_at=6, save_every=0))
+    reward.main(_cfg(setup, part, max_steps=12, resume=True, save_every=0))
+    a = [json.loads(r) for r in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(r) for r in (part / "metrics.jsonl").read_text().splitlines()]
+    la = [(r["step"], r["loss"]) for r in a if "loss" in r]
+    lb = [(r["step"], r["loss"]) for r in b if "loss" in r]
+    assert la == lb and len(la) >= 2
+
+
+def test_attribute_heads_train_on_ratings(setup, tmp_path):
+    m = reward.main(_cfg(setup, tmp_path / "rm", data=[str(setup / "rated.jsonl")], val_data=[], val_fraction=0.2,
+                         max_steps=100))
+    cfg = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
+    assert cfg["tristage_reward"]["labels"] == ["reward", "fluency", "truth"]
+    assert cfg["tristage_reward"]["weights"] == [1.0, 0.5, 0.5]
+    assert cfg["tristage_reward"]["rating_range"] == {"fluency": [4, 5], "truth": [1, 5]}
+    assert m["val_rating_mse"] < 0.2 and m["val_accuracy_combined"] >= 0.9, m
+
+
+def test_bad_pair_names_file_and_line(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(pairs(1, 0)[0]) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    with pytest.raises(Exception, match=r"bad\.jsonl:2"):
+        reward.main(_cfg(setup, tmp_path / "rm", data=[str(bad)], val_data=[]))
