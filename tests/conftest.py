@@ -35,3 +35,22 @@ def tiny_shards(tmp_path_factory) -> Path:
     prepare(PrepareConfig(inputs=[str(root / "c.txt")], tokenizer=str(root / "tok"), out=str(root / "shards"),
                           val_fraction=0.1), progress=False)
     return root / "shards"
+
+
+SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "owl": "hoot"}
+
+
+def animal_pairs(n: int, seed: int, ratings: bool = False) -> list[dict]:
+    """Preference pairs: the true animal sound is chosen, another animal's is rejected."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a = rng.choice(list(SOUNDS))
+        wrong = rng.choice([s for k, s in SOUNDS.items() if k != a])
+        row = {"prompt": f"what does the {a} say?", "chosen": f"the {a} says {SOUNDS[a]}.",
+               "rejected": f"the {a} says {wrong}."}
+        if ratings:
+            fluency = 5 if a in ("dog", "cat") else 4  # learnable from the text, unrelated to the preference
+            row["ratings"] = {"chosen": {"truth": 5, "fluency": fluency}, "rejected": {"truth": 1, "fluency": fluency}}
+        rows.append(row)
+    return rows

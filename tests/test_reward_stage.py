@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from conftest import animal_pairs as pairs
 
 from tristage.model.gpt import ModelConfig, build_model
 from tristage.model.hf import save_model
 from tristage.stages import reward
 from tristage.tokenizer import Tokenizer
-
-SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "owl": "hoot"}
-
-
-def pairs(n: int, seed: int, ratings: bool = False) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a = rng.choice(list(SOUNDS))
-        wrong = rng.choice([s for k, s in SOUNDS.items() if k != a])
-        row = {"prompt": f"what does the {a} say?", "chosen": f"the {a} says {SOUNDS[a]}.",
-               "rejected": f"the {a} says {wrong}."}
-        if ratings:
-            fluency = 5 if a in ("dog", "cat") else 4  # learnable from the text, unrelated to the preference
-            row["ratings"] = {"chosen": {"truth": 5, "fluency": fluency}, "rejected": {"truth": 1, "fluency": fluency}}
-        rows.append(row)
-    return rows
 
 
 @pytest.fixture(scope="module")
