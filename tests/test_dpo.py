@@ -92,7 +92,7 @@ def test_dpo_resume_is_exact(setup, tmp_path):
 
 
 def test_lora_dpo_writes_adapter_and_merged_model(setup, tmp_path):
-    m = dpo.main(_cfg(setup, tmp_path / "run", max_steps=30, lora_rank=4, lr=5e-2))
+    dpo.main(_cfg(setup, tmp_path / "run", max_steps=30, lora_rank=4, lr=5e-2))
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
     merged = load_model(tmp_path / "run" / "model")
     base = load_model(setup / "base")
