@@ -48,8 +48,8 @@ BLOCK = 25  # plain loop: steps per model before switching to the other
 DISTURBED = 0.05  # a timed run during which other jobs used more than this many CPU-seconds per second is disturbed
 NANOGPT = {"val": 1.8857, "wall_s": 110.8, "tok_s": 16.2e3, "ms_step": 47.3}  # BASELINES.md section 2, run 1
 MODEL = "--hidden-size 128 --num-layers 4 --num-heads 4 --intermediate-size 320 --seq-len 64".split()
-RECIPE = MODEL + ("--batch-size 12 --max-steps 800 --lr 2e-3 --warmup-steps 50 --schedule cosine --min-lr-ratio 0.1 "
-                  "--beta2 0.99 --weight-decay 0.1 --grad-clip 1.0 --dtype float32 --eval-every 200 --eval-batches 145 "
+RECIPE = MODEL + ("--batch-size 12 --max-steps 700 --lr 2e-3 --warmup-steps 50 --schedule cosine --min-lr-ratio 0.1 "
+                  "--beta2 0.99 --weight-decay 0.1 --grad-clip 1.0 --dtype float32 --eval-every 350 --eval-batches 145 "
                   "--log-every 25 --save-every 0 --sample-prompts ROMEO: --no-progress").split()
 
 
