@@ -56,3 +56,54 @@ def evaluate_chat_model(model_dir: str | Path, prompts_file: str | Path, limit: 
         "examples": [{"prompt": p, "answer": a, "score": s.overall} for p, (a, _), s in
                      list(zip(prompts, outs, scores))[:5]],
     }
+
+
+@torch.no_grad()
+def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]],
+                    batch_size: int = 32) -> list[float]:
+    """Summed log-probs of each answer after its prompt under `model` (one right-padded forward per batch)."""
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        rows = [p + a for p, a in zip(prompt_ids[i:i + batch_size], answer_ids[i:i + batch_size])]
+        T = max(len(r) for r in rows)
+        x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        logp = torch.log_softmax(model(x).float(), -1)
+        for b, (p, a) in enumerate(zip(prompt_ids[i:i + batch_size], answer_ids[i:i + batch_size])):
+            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            out.append(logp[b, pos, torch.tensor(a, dtype=torch.long)].sum().item() if a else 0.0)
+    return out
+
+
+def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_file: str | Path,
+                         limit: int | None = None, kl_samples: int = 1, seed: int = 0) -> dict[str, Any]:
+    """A tuned policy against its reference on held-out prompts, judged by the gold scorer.
+
+    - gold: both answer greedily; mean gold scores of each, and the policy's win rate (gold(policy) >
+      gold(reference) counts 1, a tie 1/2).
+    - KL(policy || reference), the price paid for the gain: the mean over sampled answers y ~ policy
+      (temperature 1, `kl_samples` per prompt) of log pi(y|x) - log pi_ref(y|x), in nats per answer.
+    """
+    from tristage.model.hf import load_model
+    from tristage.serve.engine import Engine, SamplingParams
+    from tristage.tokenizer import Tokenizer
+    from tristage.world import read_eval_prompts, score
+
+    prompts = read_eval_prompts(prompts_file)[:limit]
+    tok = Tokenizer.load(model_dir)
+    policy = load_model(model_dir, dtype=torch.float32).eval()
+    ref = load_model(ref_dir, dtype=torch.float32).eval()
+    ours = answer(policy, tok, prompts)
+    theirs = answer(ref, tok, prompts)
+    s_ours = [score(p, a).overall for p, (a, _) in zip(prompts, ours)]
+    s_theirs = [score(p, a).overall for p, (a, _) in zip(prompts, theirs)]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_ours, s_theirs))
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    ids = [x for x in ids for _ in range(kl_samples)]
+    sampled = Engine(policy).generate(ids, SamplingParams(max_new_tokens=160, temperature=1.0, seed=seed,
+                                                          stop_ids=tok.stop_ids, logprobs=True))
+    lp_policy = [sum(c.logprobs) for c in sampled]
+    lp_ref = answer_logprobs(ref, ids, [c.tokens for c in sampled])
+    n = len(prompts)
+    return {"n": n, "gold": sum(s_ours) / n, "gold_reference": sum(s_theirs) / n, "win_rate": wins / n,
+            "kl": sum(a - b for a, b in zip(lp_policy, lp_ref)) / len(sampled),
+            "stop_rate": sum(s for _, s in ours) / n}

@@ -1,0 +1,47 @@
+"""Policy-vs-reference evaluation: sequence log-probs, KL estimate and win rate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tristage.eval.world import answer_logprobs, compare_to_reference
+from tristage.model.gpt import ModelConfig, build_model
+from tristage.model.hf import save_model
+from tristage.serve.engine import Engine, SamplingParams
+from tristage.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalw")
+    tok = Tokenizer.load(tiny_shards / "tokenizer")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=256)
+    save_model(build_model(cfg, seed=0), root / "a", tok)
+    save_model(build_model(cfg, seed=1), root / "b", tok)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me a story about a {a}."}) + "\n"
+                                                for a in ("dog", "cat", "fish", "bird")))
+    return root, tok
+
+
+def test_answer_logprobs_equal_the_engines(two_models):
+    root, tok = two_models
+    from tristage.model.hf import load_model
+
+    model = load_model(root / "a").eval()
+    prompts = [tok.encode("the dog"), tok.encode("a cat sat on")]
+    outs = Engine(model).generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, logprobs=True))
+    ours = answer_logprobs(model, prompts, [c.tokens for c in outs])
+    assert ours == pytest.approx([sum(c.logprobs) for c in outs], abs=1e-4)
+    assert all(x < 0 for x in ours)
+
+
+def test_kl_to_itself_is_zero_and_to_another_model_positive(two_models):
+    root, _ = two_models
+    same = compare_to_reference(root / "a", root / "a", root / "prompts.jsonl", kl_samples=2)
+    assert abs(same["kl"]) < 1e-3 and same["win_rate"] == 0.5 and same["gold"] == same["gold_reference"]
+    other = compare_to_reference(root / "a", root / "b", root / "prompts.jsonl", kl_samples=2)
+    assert other["kl"] > 0.1
+    assert other["n"] == 4
