@@ -1,0 +1,330 @@
+"""Preference pairs: every shape loads, bad records are located and counted, masks cover only the final reply,
+batches shift labels right, and the loader resumes exactly and shards disjointly."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared_data
+
+from tristage.data.chat import IGNORE
+from tristage.data.preference import (
+    PairExample,
+    PairLoader,
+    Preference,
+    collate_pairs,
+    encode_preferences,
+    load_preferences,
+)
+from tristage.io import DataError
+from tristage.tokenizer import Tokenizer, train_char
+
+EOT = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    """A char-level ChatML tokenizer (unseen characters still round-trip through byte fallback)."""
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,!?:;'-\n", encoding="utf-8")
+    return train_char([str(path)])
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as fh:
+        fh.write("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+HH = {"chosen": "\n\nHuman: Hi there \n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant:  Why not? ",
+      "rejected": "\n\nHuman: Hi there \n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No."}
+
+
+# ----------------------------------------------------------------------------- loading
+def test_load_every_shape(tmp_path):
+    rows = [
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No.",
+         "ratings": {"chosen": {"fluency": 5, "mood": 4}, "rejected": {"fluency": 2}}, "rationale": "Polite."},
+        {"messages": [{"role": "system", "content": "Be kind."}, user("Q1"), assistant("A1"), user("Q2")],
+         "chosen": "Yes.", "rejected": "No.", "score_chosen": 9.0},
+        {"prompt": [user("Q")], "chosen": [assistant("good")], "rejected": assistant("bad"), "meta": {"judge": 0.7}},
+        HH,
+        {"question": "Why?", "answer_a": "Because.", "answer_b": "Dunno.", "overall_preference": 1,
+         "justification": "B is honest.", "answer_a_type": "human"},
+        {"instruction": "Fix it.", "input": "teh", "response1": "the", "response2": "teh", "annotator1": 1,
+         "annotator2": 0, "annotator3": 1, "idx": 7},
+        {"instruction": "Greet.", "input": "", "response1": "Hi", "response2": "Hello", "annotator1": 2,
+         "annotator2": 2, "annotator3": 1},
+    ]
+    prefs, errors = load_preferences(write_jsonl(tmp_path / "p.jsonl.gz", rows))
+    assert errors == [] and [p.line for p in prefs] == list(range(1, 8))
+    p = prefs[0]
+    assert (p.prompt, p.chosen, p.rejected, p.rationale) == ([user("Say hi.")], "Hi!", "No.", "Polite.")
+    assert p.ratings == {"chosen": {"fluency": 5.0, "mood": 4.0}, "rejected": {"fluency": 2.0}} and p.meta == {}
+    assert prefs[1].prompt[0]["role"] == "system" and prefs[1].prompt[-1] == user("Q2")
+    assert prefs[1].meta == {"score_chosen": 9.0} and prefs[1].ratings is None
+    assert (prefs[2].prompt, prefs[2].chosen, prefs[2].rejected, prefs[2].meta) == ([user("Q")], "good", "bad",
+                                                                                   {"judge": 0.7})
+    assert prefs[3].prompt == [user("Hi there"), assistant("Hello!"), user("Tell me a joke.")]
+    assert (prefs[3].chosen, prefs[3].rejected) == ("Why not?", "No.")
+    lfqa = prefs[4]
+    assert (lfqa.prompt, lfqa.chosen, lfqa.rejected, lfqa.rationale) == ([user("Why?")], "Dunno.", "Because.",
+                                                                         "B is honest.")
+    assert lfqa.meta == {"answer_a_type": "human", "chosen_answer": "b"}
+    panda = prefs[5]
+    assert (panda.prompt, panda.chosen, panda.rejected) == ([user("Fix it.\n\nteh")], "the", "teh")
+    assert panda.meta == {"idx": 7, "votes": [1, 0, 1], "chosen_response": 1}
+    assert (prefs[6].prompt, prefs[6].chosen, prefs[6].rejected) == ([user("Greet.")], "Hello", "Hi")
+    # a JSON list, and the default system prompt only where the prompt has none
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(rows[:2], indent=2))
+    prefs, _ = load_preferences(path, system_prompt="Default.")
+    assert [p.prompt[0]["content"] for p in prefs] == ["Default.", "Be kind."] and prefs[1].line == 2
+
+
+BAD = [  # record, reason, field
+    ({"prompt": "x", "chosen": " ", "rejected": "y"}, "empty content", "chosen"),
+    ({"prompt": "x", "chosen": "y", "rejected": 3}, "expected a string, got int", "rejected"),
+    ({"prompt": "x", "chosen": "y", "rejected": "y"}, "chosen and rejected are identical", "rejected"),
+    ({"prompt": [user("x"), assistant("y")], "chosen": "a", "rejected": "b"}, "ends with a assistant turn",
+     "prompt[1].role"),
+    ({"messages": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, "unknown role",
+     "messages[0].role"),
+    ({"messages": [user("x"), {"role": "system", "content": "s"}, user("z")], "chosen": "a", "rejected": "b"},
+     "only come first", "messages[1].role"),
+    ({"prompt": [user("x")], "chosen": [assistant("a"), assistant("b")], "rejected": "b"},
+     "exactly one assistant message", "chosen"),
+    ({"prompt": [user("x")], "chosen": [user("a")], "rejected": "b"}, "expected an assistant message",
+     "chosen[0].role"),
+    ({"prompt": "x", "chosen": "a", "rejected": "b", "ratings": {"chosen": {"f": "high"}, "rejected": {}}},
+     "expected a number", "ratings.chosen.f"),
+    ({"prompt": "x", "chosen": "a", "rejected": "b", "ratings": {"chosen": {}}}, "expected {'chosen'", "ratings"),
+    ({"chosen": HH["chosen"], "rejected": "\n\nHuman: Other\n\nAssistant: No."}, "transcripts differ", "rejected"),
+    ({"chosen": HH["chosen"], "rejected": HH["chosen"].replace("Why not? ", "Why not?\n")},
+     "chosen and rejected are identical", "rejected"),
+    ({"chosen": HH["chosen"], "rejected": "\n\nHuman: Hi there \n\nAssistant: "}, "transcripts differ", "rejected"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: ", "rejected": "\n\nHuman: Hi\n\nAssistant: No."}, "empty content",
+     "chosen"),
+    ({"chosen": "Hi\n\nAssistant: a", "rejected": "Hi\n\nAssistant: b"}, "starting with", "chosen"),
+    ({"question": "q", "answer_a": "a", "answer_b": "b", "overall_preference": 0}, "expected -1",
+     "overall_preference"),
+    ({"instruction": "i", "input": "", "response1": "a", "response2": "b", "annotator1": 0, "annotator2": 1,
+      "annotator3": 2}, "no majority preference", None),
+    ({"instruction": "i", "input": "", "response1": "a", "response2": "b", "annotator1": 0, "annotator2": 0,
+      "annotator3": 1}, "no majority preference", None),
+    ({"instruction": "i", "input": "", "response1": True, "response2": "b", "annotator1": 1, "annotator2": 1,
+      "annotator3": 1}, "expected a string, got bool", "response1"),
+    ({"prompt": "x"}, "unrecognised record", None),
+    ("[1, 2]", "expected a JSON object", None),
+    ('{"prompt": ', "invalid JSON", None),
+]
+
+
+@pytest.mark.parametrize("record,reason,field", BAD)
+def test_invalid_record_raises_with_file_line_field(tmp_path, record, reason, field):
+    path = write_jsonl(tmp_path / "bad.jsonl", [HH, record])
+    with pytest.raises(DataError, match=reason) as e:
+        load_preferences(path)
+    assert (e.value.path, e.value.line, e.value.field) == (str(path), 2, field)
+
+
+def test_skip_collects_every_bad_record(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [HH] + [r for r, _, _ in BAD] + [HH])
+    prefs, errors = load_preferences(path, on_error="skip")
+    assert [p.line for p in prefs] == [1, len(BAD) + 2]
+    assert [e.line for e in errors] == list(range(2, len(BAD) + 2))
+    assert [e.field for e in errors] == [f for _, _, f in BAD]
+    assert all(reason in e.reason for e, (_, reason, _) in zip(errors, BAD))
+
+
+# ----------------------------------------------------------------------------- the public files
+def hh_final(text: str) -> str:
+    return text.rsplit("\n\nAssistant: ", 1)[1].strip()
+
+
+def test_hh_files():
+    path = shared_data("preference/hh_rlhf_harmless_base_test.jsonl.gz")
+    prefs, errors = load_preferences(path, on_error="skip")
+    assert len(prefs) + len(errors) == 2312
+    reasons = Counter(e.reason.split(" (")[0] for e in errors)
+    assert reasons == {"the chosen and rejected transcripts differ before their final assistant turn": 5,
+                       "empty content": 4}
+    assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in prefs)
+    raw = [json.loads(line) for line in gzip.open(shared_data("preference/hh_rlhf_helpful_base_test.jsonl.gz"), "rt")]
+    same = sum(hh_final(r["chosen"]) == hh_final(r["rejected"]) for r in raw)  # counted by hand: 2 in this split
+    prefs, errors = load_preferences(shared_data("preference/hh_rlhf_helpful_base_test.jsonl.gz"), on_error="skip")
+    assert same == 2 and sum(e.reason == "chosen and rejected are identical" for e in errors) == same
+    assert len(prefs) + len(errors) == len(raw) == 2354
+
+
+def test_lfqa_file():
+    path = shared_data("preference/lfqa_expert_pairwise_human_preferences.jsonl")
+    raw = [json.loads(line) for line in open(path, encoding="utf-8")]
+    prefs, errors = load_preferences(path)
+    assert errors == [] and len(prefs) == len(raw) == 260
+    for p, r in zip(prefs, raw):
+        want = (r["answer_a"], r["answer_b"]) if r["overall_preference"] == -1 else (r["answer_b"], r["answer_a"])
+        assert (p.chosen, p.rejected, p.prompt, p.rationale) == (*want, [user(r["question"])], r["justification"])
+
+
+def test_pandalm_majority_matches_a_hand_count():
+    path = shared_data("preference/pandalm_human_testset_v1.json.gz")
+    raw = json.load(gzip.open(path, "rt"))
+    majority = [r for r in raw if any([r[f"annotator{k}"] for k in (1, 2, 3)].count(w) >= 2 for w in (1, 2))]
+    usable = [r for r in majority
+              if all(isinstance(r[k], str) and r[k].strip() for k in ("response1", "response2"))]
+    prefs, errors = load_preferences(path, on_error="skip")
+    assert len(raw) == 999 and len(majority) == 894 and len(prefs) == len(usable) == 836
+    assert sum(e.reason.startswith("no majority preference") for e in errors) == len(raw) - len(majority) == 105
+    for p, r in zip(prefs, usable):
+        votes = [r[f"annotator{k}"] for k in (1, 2, 3)]
+        first = votes.count(1) >= 2
+        assert p.meta["votes"] == votes and p.chosen == r["response1" if first else "response2"]
+        assert p.prompt[0]["content"].startswith(r["instruction"]) and p.line == r["idx"] + 1
+
+
+# ----------------------------------------------------------------------------- encoding
+def masked(tok: Tokenizer, ids: list[int], mask: list[int]) -> str:
+    return tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_mask_covers_only_the_final_reply(tok):
+    prompt = [{"role": "system", "content": "Be brief."}, user("Where?"), assistant("On the mat."), user("And?")]
+    pref = Preference(prompt, chosen="In the box.", rejected="Nowhere.", path="f", line=1)
+    [ex], stats = encode_preferences(tok, [pref], max_len=999)
+    assert stats.pairs == 1 and (stats.truncated, stats.dropped, stats.errors) == (0, 0, [])
+    for ids, mask, reply in ((ex.chosen_ids, ex.chosen_mask, pref.chosen),
+                             (ex.rejected_ids, ex.rejected_mask, pref.rejected)):
+        full = tok.apply_chat_template([*prompt, assistant(reply)])
+        assert ids == full[:len(ids)] and len(ids) == len(mask)
+        assert masked(tok, ids, mask) == reply + EOT  # not "On the mat.<|im_end|>" from the prompt
+        assert ids[-1] == tok.token_to_id(EOT) and mask[-1] == 1
+        first = mask.index(1)
+        assert all(mask[first:]) and tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+    assert ex.ratings is None
+
+
+def test_render_errors_are_counted(tok):
+    good = Preference([user("Hi")], "Yes.", "No.", path="f", line=1)
+    bad = Preference([user("Hi")], "Yes<|im_end|>", "No.", path="f", line=2)
+    examples, stats = encode_preferences(tok, [good, bad], max_len=999, on_error="skip")
+    assert len(examples) == 1 and [e.line for e in stats.errors] == [2] and "skipped 1" in str(stats)
+    with pytest.raises(DataError, match="f:2"):
+        encode_preferences(tok, [good, bad], max_len=999)
+
+
+def test_truncation_keeps_the_reply_and_cuts_the_prompt_from_the_left(tok):
+    pref = Preference([user("a long question " * 5)], chosen="Short.", rejected="A longer answer.")
+    [full], _ = encode_preferences(tok, [pref], max_len=999)
+    n = len(full.rejected_ids)  # the longer side
+    [ex], stats = encode_preferences(tok, [pref], max_len=n - 10)
+    assert stats.truncated == 1 and max(len(ex.chosen_ids), len(ex.rejected_ids)) == n - 10
+    assert ex.rejected_ids == full.rejected_ids[10:] and ex.chosen_ids == full.chosen_ids[10:]  # same prompt cut
+    assert masked(tok, ex.chosen_ids, ex.chosen_mask) == "Short." + EOT
+    assert masked(tok, ex.rejected_ids, ex.rejected_mask) == "A longer answer." + EOT
+    # a reply longer than max_len alone: no prompt left, the reply cut from the right
+    [ex], stats = encode_preferences(tok, [pref], max_len=8)
+    reply = len("A longer answer.") + 1  # chars + end-of-turn
+    assert stats.truncated == 1 and ex.rejected_ids == full.rejected_ids[-reply:][:8] and all(ex.rejected_mask)
+    assert ex.chosen_ids == full.chosen_ids[-7:] and all(ex.chosen_mask)  # "Short." + end-of-turn, whole
+    examples, stats = encode_preferences(tok, [pref], max_len=n - 1, truncation="drop")
+    assert examples == [] and (stats.dropped, stats.truncated) == (1, 0)
+
+
+def test_ratings_follow_the_attribute_order(tok):
+    prefs = [Preference([user("q")], "a", "b", ratings={"chosen": {"mood": 4, "fluency": 5},
+                                                        "rejected": {"fluency": 1}}),
+             Preference([user("q")], "c", "d")]
+    examples, stats = encode_preferences(tok, prefs, max_len=999)
+    assert stats.attributes == ["fluency", "mood"]
+    r = examples[0].ratings
+    assert r["chosen"] == [5.0, 4.0] and r["rejected"][0] == 1.0 and math.isnan(r["rejected"][1])
+    assert examples[1].ratings is None
+    batch = collate_pairs(examples, pad_id=0)
+    assert batch["ratings"].shape == (4, 2) and batch["ratings"][0].tolist() == [5.0, 4.0]
+    assert batch["ratings"][1].isnan().all() and batch["ratings"][2, 0] == 1.0  # pair 1 unrated; rejected rows 2, 3
+    examples, _ = encode_preferences(tok, prefs, max_len=999, attributes=["mood"])
+    assert examples[0].ratings["chosen"] == [4.0] and math.isnan(examples[0].ratings["rejected"][0])
+    assert "ratings" not in collate_pairs(examples[1:], pad_id=0)
+
+
+# ----------------------------------------------------------------------------- batching
+def test_collate_shifts_labels_and_points_at_end_of_turn(tok):
+    prefs = [Preference([user("Hi"), assistant("Hey"), user("Joke?")], "No joke.", "Knock knock, who is there?"),
+             Preference([user("Why is the sky blue?")], "Scattering.", "Magic.")]
+    examples, _ = encode_preferences(tok, prefs, max_len=999)
+    pad = tok.pad_id
+    batch = collate_pairs(examples, pad_id=pad)
+    rows = [(e.chosen_ids, e.chosen_mask) for e in examples] + [(e.rejected_ids, e.rejected_mask) for e in examples]
+    T = max(len(ids) for ids, _ in rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, T) and batch["num_pairs"] == 2
+    eot = tok.token_to_id(EOT)
+    for b, (ids, mask) in enumerate(rows):
+        want = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE] * (T - len(ids) + 1)
+        assert batch["labels"][b].tolist() == want
+        assert batch["input_ids"][b].tolist() == ids + [pad] * (T - len(ids))
+        assert batch["last_index"][b] == len(ids) - 1 and batch["input_ids"][b, batch["last_index"][b]] == eot
+        targets = [y for y in batch["labels"][b].tolist() if y != IGNORE]
+        assert tok.decode(targets) == tok.decode([i for i, m in zip(ids, mask) if m])  # exactly the reply + eot
+    # cross-entropy at each labelled position scores the reply's tokens: perfect logits give zero loss
+    logits = torch.full((4, T, tok.vocab_size), -1e4)
+    labels = batch["labels"]
+    logits.scatter_(2, labels.clamp(min=0).unsqueeze(-1), 0.0)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    assert loss.item() < 1e-3 and "ratings" not in batch
+
+
+def pairs(n: int) -> list[PairExample]:
+    """Pair i has chosen ids [i, i + 1000] so a batch tells which pairs it holds."""
+    return [PairExample([i, 1000 + i], [0, 1], [i, 2000 + i, 7], [0, 1, 1]) for i in range(n)]
+
+
+def held(batch: dict) -> list[int]:
+    return batch["input_ids"][:batch["num_pairs"], 0].tolist()
+
+
+def test_loader_resumes_exactly():
+    examples = pairs(11)
+    ref = PairLoader(examples, batch_size=3, seed=5)
+    assert ref.steps_per_epoch() == 4  # 3 + 3 + 3 + 2
+    want = [held(next(ref)) for _ in range(10)]
+    assert sorted(sum(want[:4], [])) == list(range(11)) and want[:4] != want[4:8]  # all pairs, reshuffled
+    first = PairLoader(examples, batch_size=3, seed=5)
+    got = [held(next(first)) for _ in range(6)]
+    state = first.state_dict()
+    assert (state["epoch"], state["index"]) == (1, 2)
+    resumed = PairLoader(examples, batch_size=3, seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    got += [held(next(resumed)) for _ in range(4)]
+    assert got == want
+    with pytest.raises(ValueError, match="batch_size"):
+        PairLoader(examples, batch_size=2, seed=5).load_state_dict(state)
+    dropping = PairLoader(examples, 3, seed=5, drop_last=True)
+    assert dropping.steps_per_epoch() == 3 and [len(held(next(dropping))) for _ in range(4)] == [3, 3, 3, 3]
+
+
+def test_ranks_see_disjoint_pairs():
+    examples = pairs(10)
+    loaders = [PairLoader(examples, batch_size=2, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert [ld.steps_per_epoch() for ld in loaders] == [2, 2]  # 5 batches, cut to 4
+    seen = [sum((held(next(ld)) for _ in range(2)), []) for ld in loaders]
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 8
+    batch = next(PairLoader(examples, batch_size=2, seed=1))
+    assert batch["input_ids"].shape == (4, 3) and batch["labels"][0].tolist() == [1000 + held(batch)[0], -100, -100]
+    with pytest.raises(ValueError, match="too few"):
+        PairLoader(examples, batch_size=4, seed=1, world_size=4)

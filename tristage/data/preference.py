@@ -1,0 +1,423 @@
+"""Preference pairs for reward models and DPO: load them in the common shapes, encode both responses, batch them.
+
+Choices:
+- Loading reuses chat.py's reader (JSONL or a JSON list, .gz too, located errors). A pair is a prompt (messages
+  ending with the user's turn, optional system first), a chosen and a rejected reply, optional per-attribute
+  `ratings` {"chosen": {attr: number}, "rejected": {...}}, an optional `rationale`, and `meta` (the record's `meta`
+  object plus every top-level key the shape does not use, e.g. judge scores, so nothing is lost). The shape is
+  detected per record:
+  * `prompt` (a string = one user message, or a list of messages) or `messages`, with `chosen` / `rejected` each a
+    string, one assistant message, or a list of exactly one (TRL's conversational shape);
+  * Anthropic HH: only `chosen` and `rejected`, two whole transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...". They are
+    split at those markers (turn contents stripped); everything before the last assistant turn must be the same in
+    both and becomes the prompt. The public test splits hold a few pairs whose transcripts differ earlier or end
+    with an empty reply: errors, not guesses;
+  * long-form QA expert pairs: `question`, `answer_a`, `answer_b`, `overall_preference` -1 (A) or 1 (B), the expert's
+    `justification` as the rationale;
+  * PandaLM: `instruction` (+ "\\n\\n" + `input` when non-empty), `response1`, `response2`, three annotators voting
+    1, 2 or 0 (tie). The reply with at least two of the three votes wins; anything else has no majority preference
+    and is an error (skippable, counted), as is a pair whose replies are not non-blank strings (the file holds a
+    few JSON `true`s and empty replies).
+  A pair whose two replies are the same (after stripping) teaches nothing; it is reported as an error too, so a
+  skip counts it. Errors are chat.py's: DataError with file, line and field; `on_error` raises or collects.
+- Encoding: each side is chat.render(prompt + [assistant reply]): the ids of tokenizer.apply_chat_template and a mask
+  of which only the last run (the final reply up to and including its end-of-turn token) is kept, so assistant turns
+  inside the prompt are context, never scored. Tokens after the last masked one are dropped: a sequence ends on its
+  end-of-turn token, where a reward head reads.
+- Too long (> max_len tokens): "truncate" removes the same number of prompt tokens from the left of both sides (the
+  two replies keep the same context, which a reward margin or a DPO log-ratio compares), as many as the longer side
+  needs; a reply that alone exceeds max_len loses its prompt and is cut from the right (its end-of-turn token with
+  it). "drop" drops the pair. Both are counted in PairStats, like render errors.
+- Batches: one forward pass over 2B rows, chosen rows then rejected rows, right-padded so plain causal attention is
+  exact for the real tokens; labels are pre-shifted like chat.py's (labels[:, t] = ids[t + 1] where that token is
+  in the reply, else -100), so the per-token cross-entropy at t is -log p(reply token t + 1), and summed per row the
+  sequence log-probability DPO needs. `last_index` is each row's last real token. Ratings become a [2B, A] float
+  tensor in a fixed attribute order, NaN where missing.
+- PairLoader: an endless iterator; each epoch shuffles pair indices with a torch.Generator seeded from
+  (seed, epoch), cuts them into batches of `batch_size` pairs, and rank r of W takes batches r, r + W, ... (cut to a
+  multiple of W, so every rank runs the same number of steps on distinct pairs). Its position is (epoch, index), so
+  state_dict/load_state_dict resume exactly. No length bucketing: pairs are short and order stays unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jinja2
+import torch
+
+from tristage.data.chat import IGNORE, ROLES, _Bad, _records, _str, format_skipped, render
+from tristage.io import DataError
+from tristage.tokenizer import Tokenizer
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class Preference:
+    prompt: list[dict[str, str]]  # the conversation before the replies; ends with a user message
+    chosen: str
+    rejected: str
+    ratings: dict[str, dict[str, float]] | None = None  # {"chosen": {attr: value}, "rejected": {attr: value}}
+    rationale: str | None = None
+    meta: dict = field(default_factory=dict)  # anything else the record carried (judge scores, annotator votes)
+    path: str = ""
+    line: int | None = None
+
+
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant): ")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _nonblank(text: Any, where: str) -> str:
+    if not isinstance(text, str):
+        raise _Bad(f"expected a string, got {type(text).__name__}", where)
+    if not text.strip():
+        raise _Bad("empty content", where)
+    return text
+
+
+def _check_prompt(turns: list[tuple[str, str, str, str]], where: str) -> list[dict[str, str]]:
+    """(role, content, role field, content field) turns -> validated prompt messages ending with the user's turn."""
+    for k, (role, content, role_field, content_field) in enumerate(turns):
+        if role not in ROLES:
+            raise _Bad(f"unknown role {role!r} (expected system, user or assistant)", role_field)
+        if role == "system" and k > 0:
+            raise _Bad("a system message may only come first", role_field)
+        _nonblank(content, content_field)
+    rest = [t for t in turns if t[0] != "system"]
+    if not rest:
+        raise _Bad("the prompt has no user turn", where)
+    if rest[0][0] != "user":
+        raise _Bad(f"the first turn is the {rest[0][0]}'s, not the user's", rest[0][2])
+    if turns[-1][0] != "user":
+        raise _Bad(f"the prompt ends with a {turns[-1][0]} turn, not the user's", turns[-1][2])
+    return [{"role": r, "content": c} for r, c, _, _ in turns]
+
+
+def _prompt(value: Any, key: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return _check_prompt([("user", value, key, key)], key)
+    if not isinstance(value, list) or not value:
+        raise _Bad("expected a string or a non-empty list of messages", key)
+    turns = [(_str(m, "role", f"{key}[{i}]"), _str(m, "content", f"{key}[{i}]"), f"{key}[{i}].role",
+              f"{key}[{i}].content") for i, m in enumerate(value)]
+    return _check_prompt(turns, key)  # type: ignore[arg-type]
+
+
+def _reply(value: Any, key: str) -> str:
+    """A reply: a string, one assistant message, or a list of exactly one."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise _Bad(f"expected exactly one assistant message, got {len(value)}", key)
+        value, key = value[0], f"{key}[0]"
+    if isinstance(value, dict):
+        if (role := _str(value, "role", key)) != "assistant":
+            raise _Bad(f"expected an assistant message, got role {role!r}", f"{key}.role")
+        value, key = value.get("content"), f"{key}.content"
+    return _nonblank(value, key)
+
+
+def _hh_turns(text: Any, key: str) -> list[tuple[str, str]]:
+    """An HH transcript -> (role, stripped content) turns; it must start with Human and end with Assistant."""
+    if not isinstance(text, str):
+        raise _Bad(f"expected an HH transcript string (no 'prompt' or 'messages' given), got {type(text).__name__}",
+                   key)
+    parts = _HH_MARKER.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise _Bad("expected a transcript starting with '\\n\\nHuman: '", key)
+    turns = [(_HH_ROLES[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+    if turns[-1][0] != "assistant":
+        raise _Bad("the transcript does not end with an assistant turn", key)
+    return turns
+
+
+def _hh(obj: dict) -> dict[str, Any]:
+    chosen, rejected = _hh_turns(obj["chosen"], "chosen"), _hh_turns(obj["rejected"], "rejected")
+    if chosen[:-1] != rejected[:-1]:
+        k = next((k for k, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
+                 min(len(chosen), len(rejected)) - 1)
+        raise _Bad(f"the chosen and rejected transcripts differ before their final assistant turn (at turn {k + 1})",
+                   "rejected")
+    where = [f"chosen (turn {k + 1})" for k in range(len(chosen))]
+    prompt = _check_prompt([(r, c, w, w) for (r, c), w in zip(chosen[:-1], where)], "chosen")
+    return {"prompt": prompt, "chosen": _nonblank(chosen[-1][1], "chosen"),
+            "rejected": _nonblank(rejected[-1][1], "rejected")}
+
+
+def _lfqa(obj: dict) -> dict[str, Any]:
+    pref = obj.get("overall_preference")
+    if pref not in (-1, 1) or isinstance(pref, bool):
+        raise _Bad(f"expected -1 (answer_a preferred) or 1 (answer_b preferred), got {pref!r}", "overall_preference")
+    a, b = _nonblank(obj.get("answer_a"), "answer_a"), _nonblank(obj.get("answer_b"), "answer_b")
+    rationale = _str(obj, "justification", "", optional=True)
+    return {"prompt": _prompt(obj.get("question"), "question"), "chosen": a if pref == -1 else b,
+            "rejected": b if pref == -1 else a, "rationale": rationale if rationale and rationale.strip() else None,
+            "meta": {"chosen_answer": "a" if pref == -1 else "b"}}
+
+
+def _pandalm(obj: dict) -> dict[str, Any]:
+    votes = []
+    for k in ("annotator1", "annotator2", "annotator3"):
+        if obj.get(k) not in (0, 1, 2) or isinstance(obj.get(k), bool):
+            raise _Bad(f"expected 1 (response1 better), 2 (response2 better) or 0 (tie), got {obj.get(k)!r}", k)
+        votes.append(obj[k])
+    winner, n = Counter(votes).most_common(1)[0]
+    if winner == 0 or n < 2:
+        raise _Bad(f"no majority preference (votes {votes})")
+    user, inp = _str(obj, "instruction", ""), _str(obj, "input", "", optional=True)
+    if inp and inp.strip():
+        user = f"{user}\n\n{inp}"
+    r1, r2 = _nonblank(obj.get("response1"), "response1"), _nonblank(obj.get("response2"), "response2")
+    return {"prompt": _check_prompt([("user", user, "instruction", "instruction")], "instruction"),
+            "chosen": r1 if winner == 1 else r2, "rejected": r2 if winner == 1 else r1,
+            "meta": {"votes": votes, "chosen_response": winner}}
+
+
+def _ratings(value: Any) -> dict[str, dict[str, float]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"chosen", "rejected"}:
+        raise _Bad("expected {'chosen': {attribute: number}, 'rejected': {attribute: number}}", "ratings")
+    out: dict[str, dict[str, float]] = {}
+    for side in ("chosen", "rejected"):
+        if not isinstance(value[side], dict):
+            raise _Bad(f"expected an object of attribute: number, got {type(value[side]).__name__}", f"ratings.{side}")
+        for attr, x in value[side].items():
+            if not isinstance(x, int | float) or isinstance(x, bool):
+                raise _Bad(f"expected a number, got {type(x).__name__}", f"ratings.{side}.{attr}")
+        out[side] = {attr: float(x) for attr, x in value[side].items()}
+    return out
+
+
+# the keys each shape reads; any other top-level key goes to meta
+_SHAPES = (("question", _lfqa, {"question", "answer_a", "answer_b", "overall_preference", "justification"}),
+           ("response1", _pandalm, {"instruction", "input", "response1", "response2", "annotator1", "annotator2",
+                                    "annotator3"}))
+
+
+def parse_preference(obj: Any, system_prompt: str | None = None) -> dict[str, Any]:
+    """One record in any supported shape -> Preference fields (prompt, chosen, rejected, ratings, rationale, meta);
+    raises chat._Bad(reason, field)."""
+    if not isinstance(obj, dict):
+        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+    shape = next(((parse, used) for key, parse, used in _SHAPES if key in obj), None)
+    if shape is not None:
+        fields, used = shape[0](obj), shape[1]
+    elif "chosen" in obj and "rejected" in obj:
+        if "prompt" in obj and "messages" in obj:
+            raise _Bad("both 'prompt' and 'messages' given: expected one")
+        key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
+        if key is None:
+            fields = _hh(obj)
+        else:
+            fields = {"prompt": _prompt(obj[key], key), "chosen": _reply(obj["chosen"], "chosen"),
+                      "rejected": _reply(obj["rejected"], "rejected")}
+        used = {"prompt", "messages", "chosen", "rejected"}
+    else:
+        raise _Bad(f"unrecognised record: expected 'chosen'/'rejected' (with 'prompt' or 'messages', or HH "
+                   f"transcripts), 'question'/'answer_a'/'answer_b' or 'response1'/'response2', got keys {sorted(obj)}")
+    if fields["chosen"].strip() == fields["rejected"].strip():
+        raise _Bad("chosen and rejected are identical", "rejected")
+    fields["ratings"] = _ratings(obj.get("ratings"))
+    if "rationale" in obj:
+        rationale = _str(obj, "rationale", "", optional=True)
+        fields["rationale"] = rationale if rationale and rationale.strip() else None
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _Bad(f"expected an object, got {type(meta).__name__}", "meta")
+    extra = {k: v for k, v in obj.items() if k not in used | {"ratings", "rationale", "meta"}}
+    fields["meta"] = {**extra, **fields.get("meta", {}), **meta}
+    if system_prompt and fields["prompt"][0]["role"] != "system":
+        fields["prompt"].insert(0, {"role": "system", "content": system_prompt})
+    return fields
+
+
+def load_preferences(path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise",
+                     system_prompt: str | None = None) -> tuple[list[Preference], list[DataError]]:
+    """Read a preference file (JSONL or JSON list, optionally .gz) -> (valid pairs, errors of skipped records)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    prefs, errors = [], []
+    for line, obj in _records(path):
+        try:
+            if isinstance(obj, _Bad):
+                raise obj
+            prefs.append(Preference(**parse_preference(obj, system_prompt), path=str(path), line=line))
+        except _Bad as bad:
+            err = DataError(path, line, bad.reason, bad.field)
+            if on_error == "raise":
+                raise err from None
+            errors.append(err)
+    return prefs, errors
+
+
+# ----------------------------------------------------------------------------- encoding
+@dataclass
+class PairExample:
+    chosen_ids: list[int]  # prompt + chosen reply, ending on its end-of-turn token
+    chosen_mask: list[int]  # 1 on the final reply's tokens (end-of-turn included), 0 elsewhere
+    rejected_ids: list[int]
+    rejected_mask: list[int]
+    ratings: dict[str, list[float]] | None = None  # {"chosen": [...], "rejected": [...]} in attribute order
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    truncated: int = 0  # prompt cut from the left (or a reply cut from the right) to fit max_len
+    dropped: int = 0  # too long with truncation="drop"
+    errors: list[DataError] = field(default_factory=list)  # pairs that failed to render (skipped)
+    attributes: list[str] = field(default_factory=list)  # the order of PairExample.ratings
+
+    def __str__(self) -> str:
+        return (f"{self.pairs} pairs; {self.truncated} truncated, {self.dropped} dropped (too long); "
+                + format_skipped(self.errors, "pairs that failed to render"))
+
+
+def encode_reply(tokenizer: Tokenizer, prompt: list[dict[str, str]], reply: str,
+                 **template_kwargs: Any) -> tuple[list[int], list[int]]:
+    """(ids, mask) of prompt + [reply]: mask only on the reply's tokens, ids cut after its last one."""
+    ids, mask = render(tokenizer, [*prompt, {"role": "assistant", "content": reply}], **template_kwargs)
+    last = max((t for t, m in enumerate(mask) if m), default=-1)
+    if last < 0:
+        raise ValueError("the reply has no tokens in the loss mask")
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids[:last + 1], [0] * start + [1] * (last + 1 - start)
+
+
+def _fit(ids: list[int], mask: list[int], cut: int, max_len: int) -> tuple[list[int], list[int]]:
+    """Drop `cut` tokens from the left of the prompt part; a reply longer than max_len is cut from the right."""
+    start = mask.index(1)
+    if cut <= start and len(ids) - cut <= max_len:
+        return ids[cut:], mask[cut:]
+    return ids[start:start + max_len], mask[start:start + max_len]
+
+
+def encode_preferences(tokenizer: Tokenizer, prefs: Sequence[Preference], max_len: int,
+                       truncation: Literal["truncate", "drop"] = "truncate",
+                       on_error: Literal["raise", "skip"] = "raise", attributes: list[str] | None = None,
+                       **template_kwargs: Any) -> tuple[list[PairExample], PairStats]:
+    """Render both sides of each pair and fit them to max_len tokens. `attributes` orders the ratings (default:
+    the sorted union over `prefs`); a missing rating is NaN."""
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', not {truncation!r}")
+    if attributes is None:
+        attributes = sorted({a for p in prefs if p.ratings for side in p.ratings.values() for a in side})
+    out, stats = [], PairStats(attributes=list(attributes))
+    for p in prefs:
+        try:
+            (c_ids, c_mask), (r_ids, r_mask) = (encode_reply(tokenizer, p.prompt, reply, **template_kwargs)
+                                                for reply in (p.chosen, p.rejected))
+        except (ValueError, jinja2.TemplateError) as e:  # the template refused it, or special tokens in the text
+            err = DataError(p.path, p.line, str(e))
+            if on_error == "raise":
+                raise err from e
+            stats.errors.append(err)
+            continue
+        longest = max(len(c_ids), len(r_ids))
+        if longest > max_len:
+            if truncation == "drop":
+                stats.dropped += 1
+                continue
+            (c_ids, c_mask), (r_ids, r_mask) = (_fit(c_ids, c_mask, longest - max_len, max_len),
+                                                _fit(r_ids, r_mask, longest - max_len, max_len))
+            stats.truncated += 1
+        ratings = None
+        if p.ratings is not None:
+            ratings = {side: [p.ratings.get(side, {}).get(a, math.nan) for a in attributes]
+                       for side in ("chosen", "rejected")}
+        out.append(PairExample(c_ids, c_mask, r_ids, r_mask, ratings))
+    stats.pairs = len(out)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- batching
+def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
+    """2B right-padded rows, chosen then rejected: input_ids, labels (pre-shifted, -100 off the reply), last_index
+    [2B] (each row's last real token), ratings [2B, A] (NaN = missing; only when some pair has ratings), num_pairs."""
+    rows = [(e.chosen_ids, e.chosen_mask) for e in examples] + [(e.rejected_ids, e.rejected_mask) for e in examples]
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, :len(ids) - 1] = torch.tensor([i if m else IGNORE for i, m in zip(ids[1:], mask[1:])])
+    batch = {"input_ids": input_ids, "labels": labels,
+             "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]), "num_pairs": len(examples)}
+    if any(e.ratings is not None for e in examples):
+        A = {len(e.ratings["chosen"]) for e in examples if e.ratings is not None}
+        if len(A) != 1:
+            raise ValueError(f"pairs rate different numbers of attributes: {sorted(A)}")
+        missing = [math.nan] * A.pop()
+        batch["ratings"] = torch.tensor([e.ratings["chosen"] if e.ratings else missing for e in examples]
+                                        + [e.ratings["rejected"] if e.ratings else missing for e in examples],
+                                        dtype=torch.float)
+    return batch
+
+
+class PairLoader:
+    """Endless batches of `batch_size` pairs per rank, reshuffled each epoch, resumable exactly.
+
+    Each epoch's shuffled pairs are cut into batches (the last one short, or dropped with drop_last); rank r of
+    world_size takes batches r, r + W, ... of them (cut to a multiple of W, so every rank runs the same steps).
+    `pad_id` fills the padding (any id will do: padding follows the real tokens and its labels are -100).
+    """
+
+    def __init__(self, examples: Sequence[PairExample], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False, pad_id: int = 0):
+        if batch_size < 1 or not examples or not 0 <= rank < world_size:
+            raise ValueError(f"bad loader arguments: batch_size {batch_size}, {len(examples)} pairs, "
+                             f"rank {rank}/{world_size}")
+        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        n = len(self.examples) // batch_size if drop_last else -(-len(self.examples) // batch_size)
+        self._steps = n // world_size
+        if self._steps == 0:
+            raise ValueError(f"{len(self.examples)} pairs make {n} batches of {batch_size}: too few for "
+                             f"{world_size} ranks")
+        self.epoch, self.index = 0, 0
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """This rank's batches (lists of pair indices) in `epoch`."""
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)  # one stream per (seed, epoch)
+        order = torch.randperm(len(self.examples), generator=g).tolist()
+        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        mine = batches[self.rank:self._steps * self.world_size:self.world_size]
+        self._cached = (epoch, mine)
+        return mine
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.index >= self.steps_per_epoch():
+            self.epoch, self.index = self.epoch + 1, 0
+        self.index += 1
+        return collate_pairs([self.examples[i] for i in self.plan(self.epoch)[self.index - 1]], self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
+                "n_pairs": len(self.examples), "rank": self.rank, "world_size": self.world_size,
+                "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        diff = [k for k in mine if k not in ("epoch", "index") and state.get(k) != mine[k]]
+        if diff:
+            raise ValueError("loader state does not match this loader: " +
+                             ", ".join(f"{k} {state.get(k)!r} != {mine[k]!r}" for k in diff))
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
