@@ -107,3 +107,44 @@ def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_fil
     return {"n": n, "gold": sum(s_ours) / n, "gold_reference": sum(s_theirs) / n, "win_rate": wins / n,
             "kl": sum(a - b for a, b in zip(lp_policy, lp_ref)) / len(sampled),
             "stop_rate": sum(s for _, s in ours) / n}
+
+
+@torch.no_grad()
+def reward_gold_agreement(rm_dir: str | Path, pairs_file: str | Path, batch_size: int = 32) -> dict[str, Any]:
+    """How often a reward model orders held-out pairs as the gold scorer does, next to the labels themselves.
+
+    Pairs whose two answers have the same gold score are left out. `annotator` is the agreement of the file's
+    own chosen/rejected labels with gold (for the demo world: the simulated annotator's noise); `reward` that
+    of the reward model's combined score, `reward_bt` that of its Bradley-Terry output alone.
+    """
+    from tristage.data.preference import collate_pairs, encode_preferences, load_preferences
+    from tristage.model.reward import load_reward_model
+    from tristage.tokenizer import Tokenizer
+    from tristage.world import score
+
+    prefs, _ = load_preferences(pairs_file)
+    tok = Tokenizer.load(rm_dir)
+    rm = load_reward_model(rm_dir, dtype=torch.float32).eval()
+    examples, _ = encode_preferences(tok, prefs, max_len=rm.config.max_position_embeddings)
+    if len(examples) != len(prefs):
+        raise ValueError(f"{pairs_file}: {len(prefs) - len(examples)} pairs did not encode")
+    combined, bt = [], []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_pairs(examples[i:i + batch_size], tok.pad_id)
+        s = rm(batch["input_ids"], batch["last_index"])
+        B = batch["num_pairs"]
+        c = rm.combine(s)
+        combined += (c[:B] - c[B:]).tolist()
+        bt += (s[:B, 0] - s[B:, 0]).tolist()
+    agree = {"annotator": 0, "reward": 0.0, "reward_bt": 0.0}
+    n = 0
+    for p, dc, db in zip(prefs, combined, bt):
+        user = p.prompt[-1]["content"]
+        gap = score(user, p.chosen).overall - score(user, p.rejected).overall
+        if gap == 0:
+            continue
+        n += 1
+        agree["annotator"] += gap > 0
+        agree["reward"] += (dc > 0) == (gap > 0)
+        agree["reward_bt"] += (db > 0) == (gap > 0)
+    return {"n": n, "ties_left_out": len(prefs) - n, **{k: v / max(n, 1) for k, v in agree.items()}}
