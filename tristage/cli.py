@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "demo": ("tristage.demo:Config:main", "run the pipeline on the demo world (what `make demo` runs)"),
     "reward": ("tristage.stages.reward:Config:main", "stage 3a: train a reward model on preference pairs"),
     "dpo": ("tristage.stages.dpo:Config:main", "stage 3a: DPO / IPO / cDPO / SimPO / ORPO on preference pairs"),
+    "score": ("tristage.serve.score:Config:main", "score prompts + responses (or pairs) with a reward model"),
+    "label": ("tristage.stages.label:Config:main", "AI feedback: sample k answers per prompt, a judge picks the pair"),
     "world": {
         "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
         "score": ("tristage.world.cli:ScoreConfig:score_main", "score prompts + responses with the gold scorer"),

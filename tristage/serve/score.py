@@ -1,0 +1,261 @@
+"""Score prompts + responses with a reward model folder.
+
+    tristage score runs/rm/model answers.jsonl --output scored.jsonl
+    tristage score runs/rm/model data/preference/val.jsonl          # prints the RM's accuracy on the pairs
+
+Input: JSONL, one record a line, either
+  {"prompt": str | [messages], "response": str, ...}   -> the record + "score" (the combined scalar) and
+                                                          "scores" {label: value} (every output of the head)
+  {"prompt": ..., "chosen": str, "rejected": str, ...} -> the record + "score_chosen" and "score_rejected";
+                                                          the summary adds the accuracy (share of pairs with
+                                                          score_chosen > score_rejected, a tie counts as wrong)
+                                                          and the mean margin (score_chosen - score_rejected).
+`messages` may stand in for `prompt` (what `tristage generate` writes back). A text prompt is one user message;
+a message list must end with the user's turn. A bad record stops the run naming its file, line and field, before
+the model is loaded.
+
+Choices, and why:
+- Rendering is the reward stage's, so a score here is the score the RM was trained and validated with:
+  tristage.data.chat.render(tokenizer, prompt messages + [assistant response]) with the RM folder's own tokenizer
+  and chat template, ids cut right after the last token of the loss mask (the response's end-of-turn token,
+  where the head reads), batches right-padded with tokenizer.pad_id, last_index = that token
+  (`encode_for_reward`, `score_texts`: the `label` command and the RL stages import them).
+- Too long: the ids keep their end and lose tokens from the left (the response and its end-of-turn token are
+  what is scored; the start of a long prompt matters least). The limit is min(--max-len, the model's
+  max_position_embeddings); truncated records are counted and printed.
+- Batches are sorted by length (less padding) and written back in input order. Right padding with plain causal
+  attention is exact for the real tokens, so a record's score does not depend on its batch mates (up to float
+  rounding of different matmul shapes).
+- "score" is the one documented scalar of the folder (`RewardModel.combine`: output 0 + sum_a w_a * output a);
+  "scores" keeps every output by label, so per-attribute heads can be inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tristage.config import arg
+from tristage.io import DataError, read_jsonl, write_jsonl
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Config:
+    """Score prompts + responses (or preference pairs) with a reward model folder."""
+
+    rm: str = arg(help="reward model folder (`tristage reward` output, or a Hugging Face *ForSequenceClassification)",
+                  positional=True)
+    file: str = arg(help="JSONL of {prompt | messages, response} or {prompt, chosen, rejected} records (.gz ok)",
+                    positional=True)
+    output: str | None = arg(None, help="write each record + score/scores (or score_chosen/score_rejected) here")
+    batch_size: int = arg(16, help="sequences per forward pass")
+    max_len: int = arg(1024, help="longest sequence in tokens (capped at the model's max_position_embeddings); "
+                                  "longer ones lose tokens from the left (counted)")
+    device: str = arg("cpu", help="cpu, cuda, cuda:1, mps")
+    dtype: str = arg("float32", help="float32, bfloat16, float16, or auto")
+    progress: bool = arg(True, help="show a progress bar")
+
+
+# ----------------------------------------------------------------------------- rendering
+def prompt_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """A prompt as chat messages: text = one user message; a list is checked (roles, text contents, ends with the
+    user's turn). Raises ValueError naming what is wrong."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"expected text or a non-empty list of messages, got {type(prompt).__name__}")
+    out = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: expected {{role: system|user|assistant, content: text}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise ValueError(f"the prompt ends with a {out[-1]['role']} turn, not the user's")
+    return out
+
+
+def _encode(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str,
+            max_len: int) -> tuple[list[int], bool]:
+    from tristage.data.chat import render
+
+    ids, mask = render(tokenizer, prompt_messages(prompt) + [{"role": "assistant", "content": response}])
+    last = max((t for t, m in enumerate(mask) if m), default=-1)
+    if last < 0:
+        raise ValueError("the response has no tokens in the chat template's assistant mask")
+    ids = ids[:last + 1]
+    if len(ids) > max_len:
+        return ids[len(ids) - max_len:], True
+    return ids, False
+
+
+def encode_for_reward(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str,
+                      max_len: int) -> list[int]:
+    """Token ids a reward model scores: chat.render(prompt messages + [assistant response]) cut right after the
+    last assistant token (its end-of-turn token); over max_len, the first tokens are dropped (the end is kept)."""
+    return _encode(tokenizer, prompt, response, max_len)[0]
+
+
+@torch.no_grad()
+def score_ids(rm: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
+              on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Scores [N, num_labels] (fp32, on the CPU, in input order) of already encoded sequences: length-sorted,
+    right-padded batches, each read at its last real token. on_batch(n) is called after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_labels = rm.score.weight.shape[0]
+    out = torch.empty(len(ids), n_labels)
+    if not ids:
+        return out
+    dev = next(rm.parameters()).device
+    training = rm.training
+    rm.eval()
+    try:
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            T = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), T), pad_id, dtype=torch.long)
+            for b, i in enumerate(idx):
+                x[b, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+            last = torch.tensor([len(ids[i]) - 1 for i in idx])
+            out[idx] = rm(x.to(dev), last.to(dev)).float().cpu()
+            if on_batch is not None:
+                on_batch(len(idx))
+    finally:
+        rm.train(training)
+    return out
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0  # any id: the head reads at last_index
+
+
+def score_texts(rm: Any, tokenizer: Any, prompts: Sequence[str | Sequence[dict[str, str]]],
+                responses: Sequence[str], batch_size: int = 16, max_len: int = 1024, *,
+                stats: dict[str, int] | None = None, on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Reward-model scores [N, num_labels] of each (prompt, response), rendered by `encode_for_reward`;
+    `rm.combine(scores)` gives the one scalar per response. max_len is capped at the model's
+    max_position_embeddings. If `stats` is given, stats["truncated"] is increased by the number of sequences cut."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    limit = min(max_len, rm.config.max_position_embeddings)
+    ids, cut = [], 0
+    for p, r in zip(prompts, responses):
+        x, truncated = _encode(tokenizer, p, r, limit)
+        ids.append(x)
+        cut += truncated
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + cut
+    return score_ids(rm, ids, _pad_id(tokenizer), batch_size, on_batch)
+
+
+# ----------------------------------------------------------------------------- the command
+def read_records(path: str, tokenizer: Any, max_len: int) -> tuple[list[dict[str, Any]], list[list[int]],
+                                                                    list[tuple[int, str]], int]:
+    """(records, encoded sequences, (record index, "response" | "chosen" | "rejected") per sequence, truncated);
+    a bad record raises DataError with its file, line and field."""
+    import jinja2
+
+    records, seqs, where, truncated = [], [], [], 0
+    for line, obj in read_jsonl(path):
+        key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
+        if key is None:
+            raise DataError(path, line, "a record needs `prompt` (text or messages) or `messages`")
+        try:
+            prompt_messages(obj[key])
+        except ValueError as e:
+            raise DataError(path, line, str(e), key) from None
+        if "response" in obj:
+            fields = ["response"]
+        elif "chosen" in obj or "rejected" in obj:
+            fields = ["chosen", "rejected"]
+        else:
+            raise DataError(path, line, "a record needs `response`, or `chosen` and `rejected`")
+        for f in fields:
+            value = obj.get(f)
+            if not isinstance(value, str):
+                raise DataError(path, line, f"expected text, got {type(value).__name__}", f)
+            try:
+                ids, cut = _encode(tokenizer, obj[key], value, max_len)
+            except (ValueError, jinja2.TemplateError) as e:  # special tokens in the text, or the template refused
+                raise DataError(path, line, str(e), f) from None
+            seqs.append(ids)
+            where.append((len(records), f))
+            truncated += cut
+        records.append(obj)
+    return records, seqs, where, truncated
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    from tristage.model.reward import load_reward_model
+    from tristage.tokenizer import Tokenizer
+    from tristage.train.common import progress, resolve_dtype
+
+    folder = Path(cfg.rm)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"{folder}: no config.json (expected a reward model folder)")
+    if cfg.batch_size < 1 or cfg.max_len < 1:
+        raise SystemExit("--batch-size and --max-len must be >= 1")
+    max_pos = json.loads((folder / "config.json").read_text()).get("max_position_embeddings") or cfg.max_len
+    max_len = min(cfg.max_len, int(max_pos))
+    tok = Tokenizer.load(folder)
+    if not tok.chat_template:
+        raise SystemExit(f"{folder}: the tokenizer has no chat_template; it is needed to render prompt + response")
+    records, seqs, where, truncated = read_records(cfg.file, tok, max_len)  # validate before loading the model
+    device = torch.device(cfg.device)
+    rm = load_reward_model(folder, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
+
+    with progress(cfg.progress) as bar:
+        task = bar.add_task("score", total=len(seqs), info="")
+        scores = score_ids(rm, seqs, _pad_id(tok), cfg.batch_size, lambda n: bar.update(task, advance=n))
+    combined = rm.combine(scores).tolist()
+    per_label = scores.tolist()
+
+    out = [dict(r) for r in records]
+    for (i, f), s, row in zip(where, combined, per_label):
+        if f == "response":
+            out[i]["score"] = s
+            out[i]["scores"] = dict(zip(rm.labels, row))
+        else:
+            out[i][f"score_{f}"] = s
+    responses = [o["score"] for o in out if "score" in o and "response" in o]
+    pairs = [(o["score_chosen"], o["score_rejected"]) for o in out if "score_chosen" in o]
+    summary: dict[str, Any] = {"records": len(out), "sequences": len(seqs), "truncated": truncated,
+                               "max_len": max_len, "labels": list(rm.labels)}
+    print(f"score: {len(out)} records ({len(responses)} responses, {len(pairs)} pairs) from {cfg.file}; "
+          f"{truncated} sequences truncated to {max_len} tokens (from the left)")
+    if responses:
+        m, s = _mean_std(responses)
+        summary.update(responses=len(responses), mean=m, std=s)
+        print(f"score: responses: mean {m:.4f}, std {s:.4f}")
+    if pairs:
+        acc = sum(c > r for c, r in pairs) / len(pairs)
+        margin = sum(c - r for c, r in pairs) / len(pairs)
+        (mc, sc), (mr, sr) = _mean_std([c for c, _ in pairs]), _mean_std([r for _, r in pairs])
+        summary.update(pairs=len(pairs), accuracy=acc, margin=margin, mean_chosen=mc, std_chosen=sc,
+                       mean_rejected=mr, std_rejected=sr)
+        print(f"score: pairs: accuracy {acc:.4f} (score_chosen > score_rejected), mean margin {margin:.4f}; "
+              f"chosen {mc:.4f} +- {sc:.4f}, rejected {mr:.4f} +- {sr:.4f}")
+    if cfg.output:
+        write_jsonl(cfg.output, out)
+        print(f"score: wrote {len(out)} records to {cfg.output}")
+        summary["output"] = cfg.output
+    return summary
