@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tristage.train.losses import bradley_terry_loss, dpo_loss, rating_loss, sequence_logprobs
+from tristage.train.losses import bradley_terry_loss, dpo_loss, log1mexp, rating_loss, sequence_logprobs
 
 
 def t(*xs: float) -> torch.Tensor:
@@ -103,3 +103,12 @@ def test_rating_loss_ignores_missing():
     target = torch.tensor([[2.0, float("nan"), 1.0]], dtype=torch.float64)
     assert rating_loss(pred, target).item() == pytest.approx((1 + 4) / 2)
     assert rating_loss(pred, torch.full((1, 3), float("nan"))).item() == 0.0
+
+
+def test_log1mexp_is_accurate_near_zero_and_far_from_it():
+    x = torch.tensor([-1e-6, -1e-4, -0.01, -0.5, -0.7, -3.0, -30.0])
+    exact = [math.log(-math.expm1(v)) for v in x.double().tolist()]
+    assert log1mexp(x).double().tolist() == pytest.approx(exact, rel=1e-6)
+    # the naive form loses digits near 0 in float32: the reason for the switch
+    naive = torch.log1p(-torch.exp(torch.tensor(-1e-4)))
+    assert abs(naive.item() - exact[1]) > 1e-5 * abs(exact[1])

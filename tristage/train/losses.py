@@ -26,6 +26,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -82,10 +83,16 @@ def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_re
         loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
         return loss, (beta * avg_c).detach(), (beta * avg_r).detach()
     # orpo: log odds(p) = log p - log(1 - p), with log p = mean token log-prob <= 0
-    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c).clamp(max=1 - 1e-7))
-                                  - torch.log1p(-torch.exp(avg_r).clamp(max=1 - 1e-7)))
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
     nll = -avg_c if chosen_nll is None else chosen_nll
     return nll - beta * F.logsigmoid(log_odds), (beta * avg_c).detach(), (beta * avg_r).detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012): log1p(-exp(x)) far from 0,
+    log(-expm1(x)) near it, where 1 - exp(x) would lose its digits. x is clamped below -1e-7."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None,
