@@ -100,3 +100,15 @@ def test_lora_dpo_writes_adapter_and_merged_model(setup, tmp_path):
     assert diff > 1e-4  # the adapter changed the weights
     log = [r for r in _log(tmp_path / "run") if "loss" in r]
     assert sum(r["loss"] for r in log[-5:]) / 5 < log[0]["loss"] - 0.01, [r["loss"] for r in log]
+
+
+def test_reference_cache_is_reused_only_for_the_same_reference_and_pairs(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    dpo.main(_cfg(setup, run, max_steps=1))
+    first = torch.load(run / "reference_logps.pt")
+    capsys.readouterr()
+    dpo.main(_cfg(setup, run, max_steps=2, beta=0.5))  # other hyperparameters: reused
+    assert "reference log-probs from" in capsys.readouterr().out
+    dpo.main(_cfg(setup, run, max_steps=1, data=[str(setup / "val.jsonl")], val_data=[]))  # other pairs: recomputed
+    assert "reference log-probs from" not in capsys.readouterr().out
+    assert torch.load(run / "reference_logps.pt")["key"] != first["key"]

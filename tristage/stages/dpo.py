@@ -14,8 +14,9 @@ tokens (prompt masked; tristage/data/preference.py builds the labels).
 Choices, and why:
 - The reference model is never held in memory during training: its log-probs of every chosen and rejected
   answer (train and validation) are computed once before the first step, with the starting weights, and
-  cached in out/reference_logps.pt; a resumed run reads them back. So DPO costs one model's memory, as
-  SFT does. SimPO and ORPO need no reference at all.
+  cached in out/reference_logps.pt, keyed by the reference weights, the pairs' tokens and the dtype, so a
+  resumed run (or a rerun in the same folder with other hyperparameters) reads them back. So DPO costs
+  one model's memory, as SFT does. SimPO and ORPO need no reference at all.
 - Chosen and rejected answers of a batch go through one forward pass (2B rows).
 - Logged per step and on validation: loss, implicit rewards of chosen and rejected (beta * log-ratio to
   the reference; beta * mean token log-prob for the reference-free losses), their margin, and accuracy
@@ -29,6 +30,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import time
@@ -114,6 +116,19 @@ def losses(logp: torch.Tensor, n: torch.Tensor, ref: torch.Tensor | None, B: int
                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma)
 
 
+def reference_key(model_dir: str, train: list, val: list, dtype: torch.dtype) -> str:
+    """Fingerprint of what reference log-probs depend on: the weights file(s), every pair's tokens, the dtype."""
+    h = hashlib.sha256(str(dtype).encode())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for split in (train, val):
+        h.update(b"|")
+        for e in split:
+            h.update(repr((e.chosen_ids, e.chosen_mask, e.rejected_ids, e.rejected_mask)).encode())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def reference_logps(model, batches: list[tuple[list[int], dict]], n_pairs: int, device, dtype) -> torch.Tensor:
     """[n_pairs, 2] summed log-probs (chosen, rejected) of every pair, computed once with `model`."""
@@ -196,9 +211,12 @@ def main(cfg: Config) -> dict:
     ref_train = ref_val = None
     if cfg.loss not in REFERENCE_FREE:
         cache = out / "reference_logps.pt"
-        if state is not None and cache.exists():
-            saved = torch.load(cache, map_location="cpu")
+        key = reference_key(cfg.ref_model or cfg.model, train, val, dtype)
+        saved = torch.load(cache, map_location="cpu") if cache.exists() else {}
+        if saved.get("key") == key:  # same reference weights, pairs and precision: reuse (resume, reruns)
             ref_train, ref_val = saved["train"], saved["val"]
+            if d.is_main:
+                print(f"dpo: reference log-probs from {cache}")
         else:
             ref = load_model(cfg.ref_model, device=device, dtype=torch.float32) if cfg.ref_model else model
             t0 = time.perf_counter()
@@ -217,7 +235,7 @@ def main(cfg: Config) -> dict:
             if d.is_main:
                 out.mkdir(parents=True, exist_ok=True)
                 buf = io.BytesIO()
-                torch.save({"train": ref_train, "val": ref_val, "model": cfg.ref_model or cfg.model}, buf)
+                torch.save({"train": ref_train, "val": ref_val, "key": key}, buf)
                 atomic_write_bytes(cache, buf.getvalue())
                 print(f"dpo: reference log-probs of {len(train)} + {len(val)} pairs in "
                       f"{time.perf_counter() - t0:.1f}s -> {cache}")
