@@ -10,6 +10,12 @@ What it runs today, each step a real stage writing its own folder under --out:
   5. sample     continue held-out story openings with the base model; score them with the gold scorer
   6. sft        instruction-tune the base model on the world's conversations
   7. evaluate   base and SFT models answer held-out prompts; gold scores and the share that end their turn
+  8. reward     a reward model on the world's preference pairs (from the SFT model); its agreement with the
+                gold scorer on held-out pairs, next to the simulated annotator's own
+  9. dpo        conservative DPO (the annotator's labels are noisy) of the SFT model on the same pairs; gold
+                score, win rate and KL against the SFT model
+ 10. label      AI feedback: the DPO policy answers training prompts 4 times, the simulated annotator picks,
+                and a second DPO round trains on those pairs: does a round on the policy's own samples help?
 Steps whose output already exists are skipped, so an interrupted demo continues where it stopped.
 """
 
@@ -39,6 +45,15 @@ class Config:
     sft_epochs: float = arg(2.0, help="instruction-tuning passes over the world's conversations")
     sft_lr: float = arg(1e-3, help="instruction-tuning learning rate")
     eval_prompts: int = arg(200, help="held-out prompts the base and SFT models answer for the gold scorer")
+    rm_epochs: float = arg(1.0, help="reward-model passes over the world's preference pairs")
+    rm_lr: float = arg(3e-4, help="reward-model learning rate")
+    dpo_epochs: float = arg(1.0, help="DPO passes over the world's preference pairs")
+    dpo_lr: float = arg(3e-5, help="DPO learning rate")
+    dpo_beta: float = arg(0.1, help="DPO beta")
+    dpo_label_smoothing: float = arg(0.3, help="conservative DPO: the assumed share of wrong labels (the simulated "
+                                               "annotator disagrees with the gold scorer on about 1/3 of pairs)")
+    label_prompts: int = arg(600, help="training prompts the policy answers for the AI-feedback round")
+    label_samples: int = arg(4, help="answers per prompt in the AI-feedback round")
     fresh: bool = arg(False, help="redo every step even if its output exists")
 
 
@@ -72,6 +87,44 @@ def score_base_model(model_dir: Path, val_txt: Path, seed: int, n: int = 64) -> 
             "data_overall": mean([s.overall for s in data]),
             "data_plausibility": mean([s.attributes["plausibility"] for s in data]),
             "stopped": mean([c.finish_reason == "stop" for c in outs]), "examples": made[:4]}
+
+
+def preference_steps(cfg: Config, out: Path, world: Path, chat: Path, prompts: Path) -> dict:
+    """Stage 3a on the demo world: reward model, DPO, and one round of AI feedback + DPO."""
+    from tristage.eval.world import compare_to_reference, reward_gold_agreement
+    from tristage.stages import dpo, label, reward
+
+    report: dict = {}
+    pairs, val_pairs = world / "preference" / "train.jsonl", world / "preference" / "val.jsonl"
+    rm = out / "reward"
+    if _step("reward", rm / "model" / "tristage.json", cfg.fresh):
+        reward.main(reward.Config(model=str(chat / "model"), data=[str(pairs)], val_data=[str(val_pairs)], out=str(rm),
+                                  epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_len=cfg.seq_len, seed=cfg.seed,
+                                  eval_every=0, save_every=0))
+    r = report["reward"] = reward_gold_agreement(rm / "model", val_pairs)
+    print(f"[demo] reward model on {r['n']} held-out pairs: agrees with the gold scorer {r['reward']:.1%} "
+          f"(Bradley-Terry output alone {r['reward_bt']:.1%}); the annotator's own labels {r['annotator']:.1%}")
+
+    def dpo_round(name: str, start: Path, data: Path) -> dict:
+        run = out / name
+        if _step(name, run / "model" / "tristage.json", cfg.fresh):
+            dpo.main(dpo.Config(model=str(start), data=[str(data)], val_data=[str(val_pairs)], out=str(run),
+                                epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, max_len=cfg.seq_len,
+                                label_smoothing=cfg.dpo_label_smoothing,
+                                seed=cfg.seed, eval_every=0, save_every=0))
+        c = compare_to_reference(run / "model", chat / "model", prompts, limit=cfg.eval_prompts, seed=cfg.seed)
+        print(f"[demo] {name} vs SFT on {c['n']} held-out prompts: gold {c['gold_reference']:.3f} -> {c['gold']:.3f}, "
+              f"win rate {c['win_rate']:.1%} (gold scorer), KL to SFT {c['kl']:.2f} nats/answer, "
+              f"ends its turn {c['stop_rate']:.0%}")
+        return c
+
+    report["dpo"] = dpo_round("dpo", chat / "model", pairs)
+    fed = out / "label" / "pairs.jsonl"
+    if _step("label", fed, cfg.fresh):
+        label.main(label.Config(model=str(out / "dpo" / "model"), prompts=str(pairs), out=str(fed), judge="world",
+                                num_samples=cfg.label_samples, limit=cfg.label_prompts, seed=cfg.seed))
+    report["dpo_round2"] = dpo_round("dpo_round2", out / "dpo" / "model", fed)
+    return report
 
 
 def _step(name: str, done: Path, fresh: bool) -> bool:
@@ -131,6 +184,8 @@ def main(cfg: Config) -> int:
               f"ends its turn {r['stop_rate']:.0%}")
     ex = report["sft_chat"]["examples"][0]
     print(f"[demo] e.g. {ex['prompt']!r}\n       -> {ex['answer'][:300]!r} (gold {ex['score']:.2f})")
+    write_json(out / "report.json", report)
+    report.update(preference_steps(cfg, out, world, chat, prompts))
     write_json(out / "report.json", report)
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s; everything is under {out}/")
     return 0
