@@ -42,9 +42,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import jinja2
 import numpy as np
@@ -55,6 +55,7 @@ from tristage.model.gpt import make_attention_mask, positions_from_doc_ids
 from tristage.tokenizer import Tokenizer
 
 IGNORE = -100
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
@@ -160,23 +161,31 @@ def _records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 yield i, _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
 
 
-def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise",
-                       system_prompt: str | None = None) -> tuple[list[Conversation], list[DataError]]:
-    """Read a chat file (JSONL or JSON list, optionally .gz) -> (valid conversations, errors of skipped records)."""
+def load_records(path: str | os.PathLike, parse: Callable[[Any, int], T],
+                 on_error: Literal["raise", "skip"] = "raise") -> tuple[list[T], list[DataError]]:
+    """Every record of a JSONL / JSON-list file (.gz ok) through `parse(obj, line)`, which raises _Bad for an invalid
+    one -> (parsed records, errors of the skipped ones); with on_error="raise" the first error is raised instead."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    convs, errors = [], []
+    out, errors = [], []
     for line, obj in _records(path):
         try:
             if isinstance(obj, _Bad):
                 raise obj
-            convs.append(Conversation(parse_record(obj, system_prompt), str(path), line))
+            out.append(parse(obj, line))
         except _Bad as bad:
             err = DataError(path, line, bad.reason, bad.field)
             if on_error == "raise":
                 raise err from None
             errors.append(err)
-    return convs, errors
+    return out, errors
+
+
+def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise",
+                       system_prompt: str | None = None) -> tuple[list[Conversation], list[DataError]]:
+    """Read a chat file (JSONL or JSON list, optionally .gz) -> (valid conversations, errors of skipped records)."""
+    return load_records(path, lambda obj, line: Conversation(parse_record(obj, system_prompt), str(path), line),
+                        on_error)
 
 
 def format_skipped(errors: Sequence[DataError], what: str = "invalid records") -> str:

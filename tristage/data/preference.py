@@ -52,7 +52,7 @@ from typing import Any, Literal
 import jinja2
 import torch
 
-from tristage.data.chat import IGNORE, ROLES, _Bad, _records, _str, format_skipped, render
+from tristage.data.chat import IGNORE, ROLES, _Bad, _str, format_skipped, load_records, render
 from tristage.io import DataError
 from tristage.tokenizer import Tokenizer
 
@@ -241,20 +241,8 @@ def parse_preference(obj: Any, system_prompt: str | None = None) -> dict[str, An
 def load_preferences(path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise",
                      system_prompt: str | None = None) -> tuple[list[Preference], list[DataError]]:
     """Read a preference file (JSONL or JSON list, optionally .gz) -> (valid pairs, errors of skipped records)."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    prefs, errors = [], []
-    for line, obj in _records(path):
-        try:
-            if isinstance(obj, _Bad):
-                raise obj
-            prefs.append(Preference(**parse_preference(obj, system_prompt), path=str(path), line=line))
-        except _Bad as bad:
-            err = DataError(path, line, bad.reason, bad.field)
-            if on_error == "raise":
-                raise err from None
-            errors.append(err)
-    return prefs, errors
+    return load_records(path, lambda obj, line: Preference(**parse_preference(obj, system_prompt), path=str(path),
+                                                           line=line), on_error)
 
 
 # ----------------------------------------------------------------------------- encoding
