@@ -327,6 +327,38 @@ def encode_preferences(tokenizer: Tokenizer, prefs: Sequence[Preference], max_le
     return out, stats
 
 
+def load_pair_splits(data: list[str], val_data: list[str], val_fraction: float, seed: int, tokenizer: Tokenizer,
+                     max_len: int, on_error: Literal["raise", "skip"] = "raise", system_prompt: str | None = None):
+    """Load, split (unless val_data is given) and encode pairs -> (train PairExamples, val PairExamples, rating
+    attribute names, notes to print: skipped records, truncation). What the reward and dpo stages start from."""
+    def load(paths):
+        prefs, errors = [], []
+        for p in paths:
+            c, e = load_preferences(p, on_error=on_error, system_prompt=system_prompt)
+            prefs += c
+            errors += e
+        return prefs, errors
+
+    if not data:
+        raise ValueError("no --data given")
+    train, errors = load(data)
+    if val_data:
+        val, verr = load(val_data)
+        errors += verr
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, round(val_fraction * len(train))) if val_fraction > 0 and len(train) > 1 else 0
+        val = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in sorted(order[n_val:])]
+    notes = [format_skipped(errors)]
+    tr, tr_stats = encode_preferences(tokenizer, train, max_len, on_error=on_error)
+    va, va_stats = encode_preferences(tokenizer, val, max_len, on_error=on_error, attributes=tr_stats.attributes)
+    notes += [f"train: {tr_stats}", f"val: {va_stats}"]
+    if not tr:
+        raise ValueError(f"no usable training pairs in {data}")
+    return tr, va, tr_stats.attributes, notes
+
+
 # ----------------------------------------------------------------------------- batching
 def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
     """2B right-padded rows, chosen then rejected: input_ids, labels (pre-shifted, -100 off the reply), last_index

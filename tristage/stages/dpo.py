@@ -172,9 +172,8 @@ def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | N
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, collate_pairs
+    from tristage.data.preference import PairLoader, collate_pairs, load_pair_splits
     from tristage.model.hf import load_model, save_model
-    from tristage.stages.reward import load_pair_splits
     from tristage.tokenizer import Tokenizer
 
     if not 0 <= cfg.label_smoothing < 0.5:

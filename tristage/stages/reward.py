@@ -94,39 +94,6 @@ class Config:
     progress: bool = arg(True, help="show a progress bar")
 
 
-def load_pair_splits(data: list[str], val_data: list[str], val_fraction: float, seed: int, tokenizer, max_len: int,
-                     on_error: Literal["raise", "skip"] = "raise", system_prompt: str | None = None):
-    """(train PairExamples, val PairExamples, attribute names, notes to print). Shared by reward and dpo."""
-    from tristage.data.preference import encode_preferences, format_skipped, load_preferences
-
-    def load(paths):
-        prefs, errors = [], []
-        for p in paths:
-            c, e = load_preferences(p, on_error=on_error, system_prompt=system_prompt)
-            prefs += c
-            errors += e
-        return prefs, errors
-
-    if not data:
-        raise ValueError("no --data given")
-    train, errors = load(data)
-    if val_data:
-        val, verr = load(val_data)
-        errors += verr
-    else:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(val_fraction * len(train))) if val_fraction > 0 and len(train) > 1 else 0
-        val = [train[i] for i in order[:n_val]]
-        train = [train[i] for i in sorted(order[n_val:])]
-    notes = [format_skipped(errors)]
-    tr, tr_stats = encode_preferences(tokenizer, train, max_len, on_error=on_error)
-    va, va_stats = encode_preferences(tokenizer, val, max_len, on_error=on_error, attributes=tr_stats.attributes)
-    notes += [f"train: {tr_stats}", f"val: {va_stats}"]
-    if not tr:
-        raise ValueError(f"no usable training pairs in {data}")
-    return tr, va, tr_stats.attributes, notes
-
-
 def rating_ranges(examples, attributes: list[str]) -> dict[str, list[float]]:
     """Observed [lo, hi] of each attribute's ratings over both sides of the pairs."""
     out = {}
@@ -208,7 +175,7 @@ def evaluate(model, rm, batches: list[dict], device, dtype, d=None) -> dict:
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, collate_pairs
+    from tristage.data.preference import PairLoader, collate_pairs, load_pair_splits
     from tristage.model.hf import load_model
     from tristage.model.reward import (
         RewardModel,
