@@ -92,7 +92,7 @@ def test_dpo_resume_is_exact(setup, tmp_path):
 
 
 def test_lora_dpo_writes_adapter_and_merged_model(setup, tmp_path):
-    dpo.main(_cfg(setup, tmp_path / "run", max_steps=30, lora_rank=4, lr=5e-2))
+    dpo.main(_cfg(setup, tmp_path / "run", max_steps=60, lora_rank=4, lr=1e-2))
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
     merged = load_model(tmp_path / "run" / "model")
     base = load_model(setup / "base")
@@ -112,3 +112,30 @@ def test_reference_cache_is_reused_only_for_the_same_reference_and_pairs(setup, 
     dpo.main(_cfg(setup, run, max_steps=1, data=[str(setup / "val.jsonl")], val_data=[]))  # other pairs: recomputed
     assert "reference log-probs from" not in capsys.readouterr().out
     assert torch.load(run / "reference_logps.pt")["key"] != first["key"]
+
+
+def test_shared_prompt_rows_give_the_same_logprobs_as_two_rows(setup):
+    from tristage.data.preference import Preference, collate_pairs, collate_pairs_shared, encode_preferences
+
+    tok = Tokenizer.load(setup / "base")
+    model = load_model(setup / "base").eval()
+    prefs = [Preference([{"role": "user", "content": "what does the dog say?"}], "the dog says woof.", "moo."),
+             Preference([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+                         {"role": "user", "content": "and the owl?"}], "hoot hoot.", "the owl says quack, i think."),
+             Preference([{"role": "user", "content": "x"}], "a", "ab")]
+    ex, _ = encode_preferences(tok, prefs, 128)
+    with torch.no_grad():
+        two = dpo.pair_logprobs(model, collate_pairs(ex, tok.pad_id))
+        batch = collate_pairs_shared(ex, tok.pad_id)
+        one = dpo.pair_logprobs(model, batch)
+    assert batch["input_ids"].shape[0] == 3  # one row per pair
+    torch.testing.assert_close(one[0], two[0], atol=1e-4, rtol=1e-5)
+    assert one[1].tolist() == two[1].tolist()  # the same answer tokens are scored
+    # the row really shares the prompt: shorter than prompt + both answers twice
+    assert batch["input_ids"].shape[1] < 2 * max(len(e.chosen_ids) for e in ex)
+
+
+def test_shared_and_two_row_dpo_train_alike(setup, tmp_path):
+    a = dpo.main(_cfg(setup, tmp_path / "a", max_steps=6))
+    b = dpo.main(_cfg(setup, tmp_path / "b", max_steps=6, share_prompt=False))
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)

@@ -383,6 +383,49 @@ def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any
     return batch
 
 
+def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
+    """B right-padded rows, one per pair: the shared prompt once, then the chosen reply, then the rejected reply, with
+    positions restarting at the reply for the rejected part and a mask that keeps it from seeing the chosen part, so
+    each reply's logits equal those of its own separate sequence while the prompt is computed once (prompts are
+    usually most of a pair's tokens). The prompt is the longest common prefix of both sides before either reply.
+
+    input_ids, position_ids [B, L]; attn_mask [B, 1, L, L] (True = may attend); the scored tokens as flat gathers:
+    lp_row, lp_pos (the position whose logits predict the token), lp_tok, lp_seq (0..B-1 chosen, B..2B-1 rejected);
+    last_row, last_pos [2B] (each reply's last token, where a reward head reads); num_pairs B."""
+    rows, pos, parts, gathers, last = [], [], [], [], []
+    for b, e in enumerate(examples):
+        c, r = e.chosen_ids, e.rejected_ids
+        s = 0
+        limit = min(e.chosen_mask.index(1), e.rejected_mask.index(1))
+        while s < limit and c[s] == r[s]:
+            s += 1
+        C, R = len(c) - s, len(r) - s
+        rows.append(c + r[s:])
+        pos.append(list(range(s + C)) + list(range(s, s + R)))
+        parts.append([0] * s + [1] * C + [2] * R)
+        row_of_r = lambda t, s=s, C=C: t if t < s else s + C + (t - s)  # noqa: E731  index in the row of r[t]
+        gathers += [(b, t - 1, c[t], b) for t in range(1, len(c)) if e.chosen_mask[t]]
+        gathers += [(b, row_of_r(t - 1), r[t], len(examples) + b) for t in range(1, len(r)) if e.rejected_mask[t]]
+        last.append((b, s + C - 1, b, s + C + R - 1))
+    L = max(len(x) for x in rows)
+    B = len(rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    part = torch.full((B, L), 3, dtype=torch.long)
+    for b in range(B):
+        n = len(rows[b])
+        input_ids[b, :n], position_ids[b, :n], part[b, :n] = (torch.tensor(rows[b]), torch.tensor(pos[b]),
+                                                               torch.tensor(parts[b]))
+        position_ids[b, n:] = torch.arange(n, L)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    crossing = (part[:, :, None] == 2) & (part[:, None, :] == 1)  # rejected query, chosen key
+    g = torch.tensor(gathers, dtype=torch.long).view(-1, 4)
+    lc = torch.tensor(last, dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attn_mask": (causal & ~crossing)[:, None],
+            "lp_row": g[:, 0], "lp_pos": g[:, 1], "lp_tok": g[:, 2], "lp_seq": g[:, 3],
+            "last_row": torch.cat([lc[:, 0], lc[:, 2]]), "last_pos": torch.cat([lc[:, 1], lc[:, 3]]), "num_pairs": B}
+
+
 class PairLoader:
     """Endless batches of `batch_size` pairs per rank, reshuffled each epoch, resumable exactly.
 
@@ -392,11 +435,12 @@ class PairLoader:
     """
 
     def __init__(self, examples: Sequence[PairExample], batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, pad_id: int = 0):
+                 world_size: int = 1, drop_last: bool = False, pad_id: int = 0, shared_prompt: bool = False):
         if batch_size < 1 or not examples or not 0 <= rank < world_size:
             raise ValueError(f"bad loader arguments: batch_size {batch_size}, {len(examples)} pairs, "
                              f"rank {rank}/{world_size}")
         self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
+        self.collate = collate_pairs_shared if shared_prompt else collate_pairs
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         n = len(self.examples) // batch_size if drop_last else -(-len(self.examples) // batch_size)
         self._steps = n // world_size
@@ -427,7 +471,7 @@ class PairLoader:
         if self.index >= self.steps_per_epoch():
             self.epoch, self.index = self.epoch + 1, 0
         self.index += 1
-        return collate_pairs([self.examples[i] for i in self.plan(self.epoch)[self.index - 1]], self.pad_id)
+        return self.collate([self.examples[i] for i in self.plan(self.epoch)[self.index - 1]], self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,

@@ -17,7 +17,10 @@ Choices, and why:
   cached in out/reference_logps.pt, keyed by the reference weights, the pairs' tokens and the dtype, so a
   resumed run (or a rerun in the same folder with other hyperparameters) reads them back. So DPO costs
   one model's memory, as SFT does. SimPO and ORPO need no reference at all.
-- Chosen and rejected answers of a batch go through one forward pass (2B rows).
+- One forward pass per batch, and the prompt computed once per pair: a row holds the prompt, the chosen answer
+  and the rejected one, with positions restarting and a mask that hides the chosen answer from the rejected
+  one, so each answer's log-probs are those of its own sequence (tested) at about half the tokens, since
+  prompts are usually longer than answers. `--no-share-prompt` uses two rows per pair instead.
 - Logged per step and on validation: loss, implicit rewards of chosen and rejected (beta * log-ratio to
   the reference; beta * mean token log-prob for the reference-free losses), their margin, and accuracy
   (chosen reward > rejected). Expect the chosen reward to fall while the margin grows: the loss sees only
@@ -68,6 +71,8 @@ class Config:
     val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
     out: str = arg("runs/dpo", help="run folder: config.yaml, metrics.jsonl, reference_logps.pt, model/")
     ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
+    share_prompt: bool = arg(True, help="one row per pair with the prompt computed once (its logits are the same "
+                                        "as two rows'); --no-share-prompt: a row per answer")
     loss: LossType = arg("sigmoid", help="sigmoid (DPO; with --label-smoothing: conservative DPO) | ipo | "
                                          "simpo (reference-free) | orpo (reference-free, with an SFT term)")
     beta: float = arg(0.1, help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
@@ -105,8 +110,16 @@ class Config:
 
 
 def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs [2B] (chosen rows, then rejected) and answer token counts [2B]."""
-    return sequence_logprobs(model(batch["input_ids"]), batch["labels"])
+    """Summed answer log-probs [2B] (chosen, then rejected) and answer token counts [2B], from either batch layout:
+    two rows per pair (collate_pairs) or one row with the prompt shared (collate_pairs_shared)."""
+    if "lp_seq" not in batch:
+        return sequence_logprobs(model(batch["input_ids"]), batch["labels"])
+    logits = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"])
+    picked = logits[batch["lp_row"], batch["lp_pos"]].float()  # [N, V]: the logits that predict each answer token
+    lp = picked.log_softmax(-1).gather(-1, batch["lp_tok"][:, None])[:, 0]
+    n2 = 2 * batch["num_pairs"]
+    zeros = torch.zeros(n2, device=lp.device, dtype=lp.dtype)
+    return zeros.index_add(0, batch["lp_seq"], lp), zeros.index_add(0, batch["lp_seq"], torch.ones_like(lp))
 
 
 def losses(logp: torch.Tensor, n: torch.Tensor, ref: torch.Tensor | None, B: int, cfg: Config):
@@ -172,7 +185,7 @@ def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | N
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, collate_pairs, load_pair_splits
+    from tristage.data.preference import PairLoader, collate_pairs, collate_pairs_shared, load_pair_splits
     from tristage.model.hf import load_model, save_model
     from tristage.tokenizer import Tokenizer
 
@@ -198,9 +211,11 @@ def main(cfg: Config) -> dict:
     model = load_model(ckpt if (state is not None and not lora) else cfg.model, device=device, dtype=torch.float32)
 
     def split_batches(examples, loader):
-        return [(b, collate_pairs([examples[i] for i in b], pad_id)) for b in loader.plan(0)]
+        return [(b, collate([examples[i] for i in b], pad_id)) for b in loader.plan(0)]
 
-    loader = PairLoader(train, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size, pad_id=pad_id)
+    collate = collate_pairs_shared if cfg.share_prompt else collate_pairs
+    loader = PairLoader(train, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size, pad_id=pad_id,
+                        shared_prompt=cfg.share_prompt)
     val_batches = []
     if len(val) >= d.world_size:
         val_batches = split_batches(val, PairLoader(val, cfg.batch_size, seed=cfg.seed, rank=d.rank,
@@ -220,7 +235,7 @@ def main(cfg: Config) -> dict:
             ref = load_model(cfg.ref_model, device=device, dtype=torch.float32) if cfg.ref_model else model
             t0 = time.perf_counter()
             # every pair on every rank computes its own shard; sum across ranks fills the table
-            all_train = [(b, collate_pairs([train[i] for i in b], pad_id))
+            all_train = [(b, collate([train[i] for i in b], pad_id))
                          for b in [list(range(k, min(k + cfg.batch_size, len(train))))
                                    for k in range(d.rank * cfg.batch_size, len(train), cfg.batch_size * d.world_size)]]
             ref_train = reference_logps(ref, all_train, len(train), device, dtype)
