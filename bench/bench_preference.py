@@ -76,16 +76,20 @@ LLAMA = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, interm
 # name -> (label, settings)
 TRAINERS = {
     "trl_dpo": ("TRL DPOTrainer", "text format (same tokens as ours), explicit ref_model copy, fp32"),
-    "ours_dpo": ("tristage dpo", "fp32 (--dtype float32), reference log-probs precomputed"),
-    "ours_dpo_bf16": ("tristage dpo", "--dtype bfloat16 (autocast), reference log-probs precomputed"),
+    "ours_dpo": ("tristage dpo", "fp32 (--dtype float32), reference log-probs precomputed, packed pairs"),
+    "ours_dpo_bf16": ("tristage dpo", "--dtype bfloat16 (autocast), reference log-probs precomputed, packed pairs"),
+    "ours_dpo_rows": ("tristage dpo", "fp32, reference log-probs precomputed, --layout rows (a row per answer)"),
+    "trl_dpo_bf16": ("TRL DPOTrainer", "text format, explicit ref_model copy, bf16=True (CPU autocast)"),
     "trl_dpo_conv": ("TRL DPOTrainer", "conversational format (+1 token per reply), explicit ref_model copy, fp32"),
     "trl_dpo_precompute": ("TRL DPOTrainer", "text format, precompute_ref_log_probs=True, ref_model=None, fp32"),
     "trl_rm": ("TRL RewardTrainer", "LlamaForSequenceClassification, text format (same tokens), fp32"),
-    "ours_rm": ("tristage reward", "fp32 (--dtype float32), --center-coef 0"),
-    "ours_rm_bf16": ("tristage reward", "--dtype bfloat16 (autocast), --center-coef 0"),
+    "trl_rm_bf16": ("TRL RewardTrainer", "LlamaForSequenceClassification, text format, bf16=True (CPU autocast)"),
+    "ours_rm": ("tristage reward", "fp32 (--dtype float32), --center-coef 0, packed pairs"),
+    "ours_rm_bf16": ("tristage reward", "--dtype bfloat16 (autocast), --center-coef 0, packed pairs"),
+    "ours_rm_rows": ("tristage reward", "fp32, --center-coef 0, --layout rows (a row per answer)"),
 }
-ORDER = ["trl_dpo", "ours_dpo", "ours_dpo_bf16", "trl_dpo_conv", "trl_dpo_precompute", "trl_rm", "ours_rm",
-         "ours_rm_bf16"]
+ORDER = ["trl_dpo", "trl_dpo_bf16", "ours_dpo", "ours_dpo_bf16", "ours_dpo_rows", "trl_dpo_conv", "trl_dpo_precompute",
+         "trl_rm", "trl_rm_bf16", "ours_rm", "ours_rm_bf16", "ours_rm_rows"]
 
 
 # ----------------------------------------------------------------------------- machine load
@@ -268,7 +272,7 @@ def parity(work: Path) -> tuple[list[dict], dict]:
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
-    from tristage.data.preference import collate_pairs
+    from tristage.data.preference import collate_pairs, collate_pairs_shared
     from tristage.model.hf import load_model
     from tristage.model.reward import load_reward_model
     from tristage.stages import dpo as sdpo
@@ -326,6 +330,8 @@ def parity(work: Path) -> tuple[list[dict], dict]:
         rc, rr = trainer.compute_ref_log_probs(trainer.ref_model, batch)
         lp, n = sdpo.pair_logprobs(ours_pol, ob)
         lr_, _ = sdpo.pair_logprobs(ours_ref, ob)
+        packed = collate_pairs_shared(ex[:BATCH], ttok.pad_id, pack=True)
+        lp_packed, n_packed = sdpo.pair_logprobs(ours_pol, packed)
         # TRL's fused-head forward, as in its _compute_loss; ours: the log_softmax + gather of `sequence_logprobs`
         trl_tok = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                                 labels=labels, fused_lm_head=True).log_probs
@@ -337,6 +343,11 @@ def parity(work: Path) -> tuple[list[dict], dict]:
     add("DPO pipeline", "summed reply log-probs, policy (TRL `compute_ref_log_probs` vs `sequence_logprobs`)",
         f"batch of {BATCH} pairs", lp, torch.cat([pc, pr]), 1e-6)
     add("DPO pipeline", "summed reply log-probs, reference", f"batch of {BATCH} pairs", lr_, torch.cat([rc, rr]), 1e-6)
+    add("DPO pipeline", f"summed reply log-probs, policy, tristage's default packed layout ({packed['input_ids'].shape[0]} "
+        f"rows of {packed['input_ids'].shape[1]} for {BATCH} pairs, prompt once per pair) vs TRL",
+        f"batch of {BATCH} pairs", lp_packed, torch.cat([pc, pr]), 1e-6)
+    add("DPO pipeline", "scored tokens per sequence, packed layout vs TRL", f"batch of {BATCH} pairs", n_packed,
+        torch.cat([x.sum(1).float() for x in batch["completion_mask"].chunk(2)]))
     lc_t, lr_t = (x.sum(1).float() for x in batch["completion_mask"].chunk(2))
     add("DPO pipeline", "scored tokens per sequence", f"batch of {BATCH} pairs", n, torch.cat([lc_t, lr_t]))
     for loss_type, beta in (("sigmoid", BETA), ("ipo", BETA)):
@@ -408,8 +419,11 @@ def parity(work: Path) -> tuple[list[dict], dict]:
         rew = rtrainer.model(input_ids=rbatch["input_ids"], attention_mask=rbatch["attention_mask"]).logits.squeeze(-1)
         ours_rm = load_reward_model(work / "rm", dtype=torch.float32)
         s = sreward.pair_scores(ours_rm, ob, "cpu")[:, 0]
+        s_packed = sreward.pair_scores(ours_rm, packed, "cpu")[:, 0]
     add("reward pipeline", "rewards of chosen and rejected (LlamaForSequenceClassification vs tristage "
         "RewardModel, same weights)", f"batch of {BATCH} pairs", s, rew)
+    add("reward pipeline", "rewards of chosen and rejected, tristage's default packed layout vs TRL",
+        f"batch of {BATCH} pairs", s_packed, rew)
     margin = torch.rand(BATCH, generator=torch.Generator().manual_seed(2))
     for coef, mg in ((None, None), (0.01, None), (None, margin), (0.01, margin)):
         rtrainer.args.center_rewards_coefficient = coef
@@ -462,7 +476,7 @@ def worker_trl(work: Path, name: str, steps: int, rec: dict) -> None:
     rows = trl_rows(tok, read_pairs(work), "conv" if name.endswith("conv") else "text")
     common = dict(output_dir=str(work / name), per_device_train_batch_size=BATCH, max_length=MAX_LEN, use_cpu=True,
                   max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
-                  dataloader_num_workers=0, bf16=False, gradient_checkpointing=False,
+                  dataloader_num_workers=0, bf16=name.endswith("bf16"), gradient_checkpointing=False,
                   lr_scheduler_type="constant", adam_beta2=0.95)  # = tristage's AdamW betas and --schedule constant
     if name.startswith("trl_rm"):
         model = AutoModelForSequenceClassification.from_pretrained(work / "rm", dtype=torch.float32,
@@ -526,6 +540,7 @@ def worker_ours(work: Path, name: str, steps: int, rec: dict) -> None:
     common = dict(data=[str(work / "pairs.jsonl")], val_fraction=0.0, out=str(work / name), max_len=MAX_LEN,
                   batch_size=BATCH, max_steps=steps, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=1.0,
                   dtype=dtype, eval_every=0, save_every=0, log_every=1, progress=False, seed=0, device="cpu")
+    common["layout"] = "rows" if name.endswith("_rows") else "packed"
     if stage is reward:
         reward.main(reward.Config(model=str(work / "rm"), lr=RM_LR, center_coef=0.0, **common))
     else:
@@ -539,7 +554,8 @@ def ours_command(name: str, steps: int) -> str:
     dtype = "bfloat16" if name.endswith("bf16") else "float32"
     common = (f"--data pairs.jsonl --val-fraction 0 --max-len {MAX_LEN} --batch-size {BATCH} --max-steps {steps} "
               f"--warmup-steps 0 --schedule constant --weight-decay 0 --grad-clip 1.0 --dtype {dtype} --eval-every 0 "
-              f"--save-every 0 --log-every 1 --no-progress --device cpu")
+              f"--save-every 0 --log-every 1 --no-progress --device cpu"
+              + (" --layout rows" if name.endswith("_rows") else ""))
     if name.startswith("ours_rm"):
         return f"tristage reward rm {common} --lr {RM_LR:g} --center-coef 0"
     return f"tristage dpo model {common} --lr {DPO_LR:g} --loss sigmoid --beta {BETA}"
@@ -609,13 +625,14 @@ def report(a: argparse.Namespace, facts: dict, prows: list[dict], res: dict[str,
         return bf if bf in res and fp32 in res and res[bf]["steps_s"] > res[fp32]["steps_s"] else fp32
 
     verdicts, ratios = [], []
-    for trl, ours, what in (("trl_dpo", "ours_dpo", "DPO"), ("trl_rm", "ours_rm", "reward model")):
-        if trl in res and ours in res:
-            b = best(ours)
+    for trl_fp32, ours, what in (("trl_dpo", "ours_dpo", "DPO"), ("trl_rm", "ours_rm", "reward model")):
+        if trl_fp32 in res and ours in res:
+            b, trl = best(ours), best(trl_fp32)
             ratio = res[b]["steps_s"] / res[trl]["steps_s"]
             ratios.append(ratio)
-            verdicts.append(f"{what}: **{ratio:.2f}x** TRL's steps/s ({TRAINERS[b][0]}, {TRAINERS[b][1]}; fp32 "
-                            f"against fp32: {res[ours]['steps_s'] / res[trl]['steps_s']:.2f}x); end to end "
+            verdicts.append(f"{what}: **{ratio:.2f}x** TRL's steps/s ({TRAINERS[b][0]}, {TRAINERS[b][1]}; against "
+                            f"TRL's faster setting, {TRAINERS[trl][1]}; fp32 against fp32: "
+                            f"{res[ours]['steps_s'] / res[trl_fp32]['steps_s']:.2f}x); end to end "
                             f"{res[trl]['e2e'] / res[b]['e2e']:.2f}x; peak RSS {res[b]['hwm_mb']:.0f} vs "
                             f"{res[trl]['hwm_mb']:.0f} MB")
     met = bool(ratios) and min(ratios) >= 2.0
@@ -679,16 +696,20 @@ def report(a: argparse.Namespace, facts: dict, prows: list[dict], res: dict[str,
                      + ". tristage computes log(1 - p) as log1p(-exp(log p)), which loses digits when the mean token "
                      "log-prob is near 0 (TRL's `log1mexp` switches to log(-expm1(x)) above -ln 2).")
     lines += ["", "### Speed and memory", "",
-              f"Settings, both sides: {BATCH} pairs per batch (chosen and rejected in one forward of {2 * BATCH} rows, "
-              f"padded to the batch's longest), max length {MAX_LEN}, AdamW (betas 0.9/0.95 = tristage's, "
+              f"Settings, both sides: {BATCH} pairs per batch in one forward (TRL: chosen and rejected as {2 * BATCH} "
+              f"rows padded to the batch's longest; tristage's default `--layout packed`: each pair's prompt once, then "
+              f"both replies, the rejected one masked from the chosen one, pairs packed into as few rows as the longest "
+              f"pair's length allows; its log-probs and rewards equal TRL's, see the parity table; the `--layout rows` "
+              f"rows run TRL's layout), max length {MAX_LEN}, AdamW (betas 0.9/0.95 = tristage's, "
               f"eps 1e-8, weight decay 0), constant learning rate, grad clip 1.0, {a.steps} steps, no warm-up, CPU, {torch.get_num_threads()} threads, no compile, no gradient "
               f"checkpointing. DPO: sigmoid, beta {BETA}, lr {DPO_LR:g}; reward model: lr {RM_LR:g}, no centering, no "
               f"margin. TRL: `DPOConfig` / `RewardConfig(per_device_train_batch_size={BATCH}, max_length={MAX_LEN}, "
-              f"learning_rate=..., use_cpu=True, max_steps={a.steps}, bf16=False, gradient_checkpointing=False, "
+              f"learning_rate=..., use_cpu=True, max_steps={a.steps}, bf16=False (True in the bf16 rows), gradient_checkpointing=False, "
               f"logging_steps=1, save_strategy='no', lr_scheduler_type='constant', adam_beta2=0.95)`, DPO with `ref_model=copy.deepcopy(model)` (TRL runs the "
               f"reference forward every step; the precompute row lets TRL compute it once before training instead, "
-              f"with no reference model held). TRL's defaults are bf16=True and gradient_checkpointing=True; they are "
-              f"off here as in BASELINES.md. tristage: `{ours_command('ours_dpo', a.steps)}` and "
+              f"with no reference model held). TRL's defaults are bf16=True and gradient_checkpointing=True; checkpointing "
+              f"is off here as in BASELINES.md, bf16 is timed both ways and the ratios are taken against TRL's faster "
+              f"setting. tristage: `{ours_command('ours_dpo', a.steps)}` and "
               f"`{ours_command('ours_rm', a.steps)}` (and `--dtype bfloat16`), run in-process by the worker. So both sides run the same algorithm "
               f"on the same data, and since both shuffle with `torch.randperm` seeded 0, their first epoch "
               f"({N_PAIRS // BATCH} steps) sees the same batches in the same order (later epochs differ: TRL's sampler "
@@ -701,15 +722,15 @@ def report(a: argparse.Namespace, facts: dict, prows: list[dict], res: dict[str,
               f"step's end; 'process' = the subprocess wall time, imports and final save included. Peak RSS = the "
               f"process's VmHWM. Loss = first and last logged training loss. Machine: {load['text']}.", "",
               "| trainer | settings | steps/s | ms/step | pairs/s | ref pass | end to end | process | peak RSS | "
-              "loss first -> last | steps/s vs TRL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "loss first -> last | steps/s vs TRL's fastest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ORDER:
         if name not in res:
             continue
         r = res[name]
         label, settings = TRAINERS[name]
-        peer = "trl_rm" if "rm" in name else "trl_dpo"
+        peer = best("trl_rm" if "rm" in name else "trl_dpo")
         vs = f"{r['steps_s'] / res[peer]['steps_s']:.2f}x" if peer in res else "-"
-        bold = "**" if name in ("trl_dpo", "trl_rm", best("ours_dpo"), best("ours_rm")) else ""
+        bold = "**" if name in (best("trl_dpo"), best("trl_rm"), best("ours_dpo"), best("ours_rm")) else ""
         ref = f"{r['ref_s']:.2f} s" if r["ref_s"] is not None else "-"
         lines.append(f"| {bold}{label}{bold} | {settings} | {bold}{r['steps_s']:.2f}{bold} | {r['ms']:.1f} | "
                      f"{r['pairs_s']:.0f} | {ref} | {r['e2e']:.1f} s | {r['wall']:.1f} s | {r['hwm_mb']:.0f} MB | "
@@ -717,14 +738,14 @@ def report(a: argparse.Namespace, facts: dict, prows: list[dict], res: dict[str,
     lines += ["", f"BASELINES.md section 3(c) (TRL 1.16 DPOTrainer, same machine kind, its own 71-token vocab and "
                   f"template): {TRL_BASELINE['dpo_ms']} ms/step, {TRL_BASELINE['dpo_steps_s']} steps/s.", ""]
     bf_note = []
-    for fp in ("ours_dpo", "ours_rm"):
+    for fp in ("trl_dpo", "trl_rm", "ours_dpo", "ours_rm"):
         k = fp + "_bf16"
         if k in res and fp in res:
             faster = res[k]["steps_s"] > res[fp]["steps_s"]
-            bf_note.append(f"{fp.split('_')[1]}: bf16 {res[k]['steps_s']:.2f} vs fp32 {res[fp]['steps_s']:.2f} "
+            bf_note.append(f"{fp.replace('_', ' ')}: bf16 {res[k]['steps_s']:.2f} vs fp32 {res[fp]['steps_s']:.2f} "
                            f"steps/s ({'faster, credited' if faster else 'not faster, not credited'})")
     if bf_note:
-        lines += ["bf16 autocast for tristage: " + "; ".join(bf_note) + ".", ""]
+        lines += ["bf16 autocast: " + "; ".join(bf_note) + ".", ""]
     lines.append("Every run (trainer: steps/s, ms/step, train time, process wall, other jobs' CPU):")
     for name in ORDER:
         if name not in res:

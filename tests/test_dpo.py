@@ -114,28 +114,41 @@ def test_reference_cache_is_reused_only_for_the_same_reference_and_pairs(setup, 
     assert torch.load(run / "reference_logps.pt")["key"] != first["key"]
 
 
-def test_shared_prompt_rows_give_the_same_logprobs_as_two_rows(setup):
-    from tristage.data.preference import Preference, collate_pairs, collate_pairs_shared, encode_preferences
+def _layout_pairs(tok):
+    from tristage.data.preference import Preference, encode_preferences
 
-    tok = Tokenizer.load(setup / "base")
-    model = load_model(setup / "base").eval()
     prefs = [Preference([{"role": "user", "content": "what does the dog say?"}], "the dog says woof.", "moo."),
              Preference([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
                          {"role": "user", "content": "and the owl?"}], "hoot hoot.", "the owl says quack, i think."),
-             Preference([{"role": "user", "content": "x"}], "a", "ab")]
-    ex, _ = encode_preferences(tok, prefs, 128)
+             Preference([{"role": "user", "content": "x"}], "a", "ab"),
+             Preference([{"role": "user", "content": "y?"}], "no", "yes"),
+             Preference([{"role": "user", "content": "the cat"}], "sat on the mat.", "sat.")]
+    return encode_preferences(tok, prefs, 128)[0]
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_shared_prompt_layouts_give_the_same_logprobs_as_two_rows(setup, layout):
+    from tristage.data.preference import collate_pairs, pair_collator
+
+    tok = Tokenizer.load(setup / "base")
+    model = load_model(setup / "base").eval()
+    ex = _layout_pairs(tok)
     with torch.no_grad():
         two = dpo.pair_logprobs(model, collate_pairs(ex, tok.pad_id))
-        batch = collate_pairs_shared(ex, tok.pad_id)
+        batch = pair_collator(layout)(ex, tok.pad_id)
         one = dpo.pair_logprobs(model, batch)
-    assert batch["input_ids"].shape[0] == 3  # one row per pair
     torch.testing.assert_close(one[0], two[0], atol=1e-4, rtol=1e-5)
     assert one[1].tolist() == two[1].tolist()  # the same answer tokens are scored
-    # the row really shares the prompt: shorter than prompt + both answers twice
-    assert batch["input_ids"].shape[1] < 2 * max(len(e.chosen_ids) for e in ex)
+    longest = max(len(e.chosen_ids) + len(e.rejected_ids) for e in ex)
+    assert batch["input_ids"].shape[1] < longest  # the prompt is shared, not repeated
+    if layout == "shared":
+        assert batch["input_ids"].shape[0] == len(ex)  # one row per pair
+    else:  # several pairs per row, no row longer than the longest pair
+        assert batch["input_ids"].shape[0] < len(ex)
+        assert batch["last_row"].unique().numel() < len(ex)
 
 
 def test_shared_and_two_row_dpo_train_alike(setup, tmp_path):
     a = dpo.main(_cfg(setup, tmp_path / "a", max_steps=6))
-    b = dpo.main(_cfg(setup, tmp_path / "b", max_steps=6, share_prompt=False))
+    b = dpo.main(_cfg(setup, tmp_path / "b", max_steps=6, layout="rows"))
     assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)

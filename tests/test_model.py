@@ -227,3 +227,45 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert json.loads((tmp_path / "ckpt" / "tristage.json").read_text())["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
+
+
+def test_cpu_bf16_training_runs_short_attention_in_fp32(monkeypatch):
+    import tristage.model.gpt as gpt
+
+    seen = []  # the precision each attention call computes in (autocast casts inside the call)
+    sdpa = gpt.F.scaled_dot_product_attention
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(
+        torch.bfloat16 if torch.is_autocast_enabled("cpu") else q.dtype) or sdpa(q, k, v, **kw))
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    max_position_embeddings=1024), seed=0)
+    short, long = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (1, gpt.CPU_FP32_ATTENTION_MAX // 16 + 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(short)
+        model(long)
+        with torch.no_grad():
+            model(short)
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]  # short training rows only
+    out.float().sum().backward()  # gradients flow through the fp32 attention
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        ref = model(short)
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("extra", [{}, {"qk_norm": True, "head_dim": 32}, {"sliding_window": 4}])
+def test_hidden_states_at_a_few_positions_equal_the_full_pass(extra):
+    model = build_model(ModelConfig(**{**COMMON, **extra}), seed=0)
+    x = torch.randint(0, 97, (3, 11))
+    rows, pos = torch.tensor([0, 2, 2, 1]), torch.tensor([10, 3, 9, 0])
+    doc_ids = torch.tensor([[0] * 11, [0] * 5 + [1] * 6, [0] * 11])
+    for kw in ({}, {"position_ids": positions_from_doc_ids(doc_ids), "attn_mask": make_attention_mask(doc_ids, 11)}):
+        full = model.hidden_states(x, **kw)[rows, pos]
+        at = model.hidden_states(x, **kw, at=(rows, pos))
+        torch.testing.assert_close(at, full, atol=1e-5, rtol=1e-5)
+        # gradients agree too (the last layer's skipped positions contribute nothing to these outputs)
+        w = model.model.layers[0].mlp.up_proj.weight
+        g_full, = torch.autograd.grad(model.hidden_states(x, **kw)[rows, pos].square().sum(), w)
+        g_at, = torch.autograd.grad(model.hidden_states(x, **kw, at=(rows, pos)).square().sum(), w)
+        torch.testing.assert_close(g_at, g_full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="KV cache"):
+        model.hidden_states(x, cache=KVCache(model.config, 3, 16, "cpu", torch.float32), at=(rows, pos))

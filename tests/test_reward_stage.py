@@ -84,3 +84,33 @@ def test_bad_pair_names_file_and_line(setup, tmp_path):
     bad.write_text(json.dumps(pairs(1, 0)[0]) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
     with pytest.raises(Exception, match=r"bad\.jsonl:2"):
         reward.main(_cfg(setup, tmp_path / "rm", data=[str(bad)], val_data=[]))
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_shared_prompt_layouts_score_as_a_row_per_answer(setup, layout):
+    from tristage.data.preference import Preference, collate_pairs, encode_preferences, pair_collator
+    from tristage.model.hf import load_model
+    from tristage.model.reward import from_causal_lm
+
+    tok = Tokenizer.load(setup / "base")
+    rm = from_causal_lm(load_model(setup / "base"), 3, seed=1).eval()
+    prefs = [Preference([{"role": "user", "content": "what does the dog say?"}], "the dog says woof.", "moo.",
+                        ratings={"chosen": {"a": 5, "b": 4}, "rejected": {"a": 1, "b": 2}}),
+             Preference([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+                         {"role": "user", "content": "and the owl?"}], "hoot hoot.", "the owl says quack."),
+             Preference([{"role": "user", "content": "x"}], "a", "ab"),
+             Preference([{"role": "user", "content": "y?"}], "no", "yes")]
+    ex, _ = encode_preferences(tok, prefs, 128)
+    rows, other = collate_pairs(ex, tok.pad_id), pair_collator(layout)(ex, tok.pad_id)
+    with torch.no_grad():
+        torch.testing.assert_close(reward.pair_scores(rm, other, "cpu"), reward.pair_scores(rm, rows, "cpu"),
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other["ratings"], rows["ratings"], equal_nan=True)
+    assert other["input_ids"].numel() < rows["input_ids"].numel()
+
+
+def test_packed_and_row_layouts_train_alike(setup, tmp_path):
+    a = reward.main(_cfg(setup, tmp_path / "a", max_steps=8, eval_every=8))
+    b = reward.main(_cfg(setup, tmp_path / "b", max_steps=8, eval_every=8, layout="rows"))
+    assert a["val_accuracy"] == b["val_accuracy"]
+    assert a["val_margin"] == pytest.approx(b["val_margin"], abs=1e-4)

@@ -41,6 +41,7 @@ Choices:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -360,6 +361,18 @@ def load_pair_splits(data: list[str], val_data: list[str], val_fraction: float, 
 
 
 # ----------------------------------------------------------------------------- batching
+def _ratings_tensor(examples: Sequence[PairExample]) -> torch.Tensor | None:
+    """[2B, A] ratings, chosen rows then rejected rows (NaN = missing); None when no pair has ratings."""
+    if not any(e.ratings is not None for e in examples):
+        return None
+    A = {len(e.ratings["chosen"]) for e in examples if e.ratings is not None}
+    if len(A) != 1:
+        raise ValueError(f"pairs rate different numbers of attributes: {sorted(A)}")
+    missing = [math.nan] * A.pop()
+    return torch.tensor([e.ratings["chosen"] if e.ratings else missing for e in examples]
+                        + [e.ratings["rejected"] if e.ratings else missing for e in examples], dtype=torch.float)
+
+
 def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
     """2B right-padded rows, chosen then rejected: input_ids, labels (pre-shifted, -100 off the reply), last_index
     [2B] (each row's last real token), ratings [2B, A] (NaN = missing; only when some pair has ratings), num_pairs."""
@@ -372,27 +385,26 @@ def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any
         labels[b, :len(ids) - 1] = torch.tensor([i if m else IGNORE for i, m in zip(ids[1:], mask[1:])])
     batch = {"input_ids": input_ids, "labels": labels,
              "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]), "num_pairs": len(examples)}
-    if any(e.ratings is not None for e in examples):
-        A = {len(e.ratings["chosen"]) for e in examples if e.ratings is not None}
-        if len(A) != 1:
-            raise ValueError(f"pairs rate different numbers of attributes: {sorted(A)}")
-        missing = [math.nan] * A.pop()
-        batch["ratings"] = torch.tensor([e.ratings["chosen"] if e.ratings else missing for e in examples]
-                                        + [e.ratings["rejected"] if e.ratings else missing for e in examples],
-                                        dtype=torch.float)
+    ratings = _ratings_tensor(examples)
+    if ratings is not None:
+        batch["ratings"] = ratings
     return batch
 
 
-def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
-    """B right-padded rows, one per pair: the shared prompt once, then the chosen reply, then the rejected reply, with
-    positions restarting at the reply for the rejected part and a mask that keeps it from seeing the chosen part, so
-    each reply's logits equal those of its own separate sequence while the prompt is computed once (prompts are
-    usually most of a pair's tokens). The prompt is the longest common prefix of both sides before either reply.
+def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int, pack: bool = False) -> dict[str, Any]:
+    """Pairs as segments of shared rows: each pair's prompt once, then its chosen reply, then its rejected reply,
+    with positions restarting at the reply for the rejected part and a mask that keeps it from seeing the chosen
+    part, so each reply's logits equal those of its own separate sequence while the prompt is computed once
+    (prompts are usually most of a pair's tokens). The prompt is the longest common prefix of both sides before
+    either reply. pack=False: one pair per row; pack=True: first-fit decreasing into as few rows as the longest
+    pair's length allows (no row grows past it, so packing only removes padding); segments never see each other.
 
-    input_ids, position_ids [B, L]; attn_mask [B, 1, L, L] (True = may attend); the scored tokens as flat gathers:
+    input_ids, position_ids [R, L]; attn_mask [R, 1, L, L] (True = may attend); the scored tokens as flat gathers:
     lp_row, lp_pos (the position whose logits predict the token), lp_tok, lp_seq (0..B-1 chosen, B..2B-1 rejected);
-    last_row, last_pos [2B] (each reply's last token, where a reward head reads); num_pairs B."""
-    rows, pos, parts, gathers, last = [], [], [], [], []
+    last_row, last_pos [2B] (each reply's last token, where a reward head reads); ratings [2B, A] as collate_pairs;
+    num_pairs B."""
+    B = len(examples)
+    segs = []  # per pair: ids, positions, parts (0 prompt, 1 chosen, 2 rejected), gathers, last (relative)
     for b, e in enumerate(examples):
         c, r = e.chosen_ids, e.rejected_ids
         s = 0
@@ -400,30 +412,69 @@ def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int) -> dict[s
         while s < limit and c[s] == r[s]:
             s += 1
         C, R = len(c) - s, len(r) - s
-        rows.append(c + r[s:])
-        pos.append(list(range(s + C)) + list(range(s, s + R)))
-        parts.append([0] * s + [1] * C + [2] * R)
-        row_of_r = lambda t, s=s, C=C: t if t < s else s + C + (t - s)  # noqa: E731  index in the row of r[t]
-        gathers += [(b, t - 1, c[t], b) for t in range(1, len(c)) if e.chosen_mask[t]]
-        gathers += [(b, row_of_r(t - 1), r[t], len(examples) + b) for t in range(1, len(r)) if e.rejected_mask[t]]
-        last.append((b, s + C - 1, b, s + C + R - 1))
-    L = max(len(x) for x in rows)
-    B = len(rows)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((B, L), dtype=torch.long)
-    part = torch.full((B, L), 3, dtype=torch.long)
-    for b in range(B):
-        n = len(rows[b])
-        input_ids[b, :n], position_ids[b, :n], part[b, :n] = (torch.tensor(rows[b]), torch.tensor(pos[b]),
-                                                               torch.tensor(parts[b]))
-        position_ids[b, n:] = torch.arange(n, L)
+        at_r = lambda t, s=s, C=C: t if t < s else s + C + (t - s)  # noqa: E731  index in the segment of r[t]
+        gathers = ([(t - 1, c[t], b) for t in range(1, len(c)) if e.chosen_mask[t]]
+                   + [(at_r(t - 1), r[t], B + b) for t in range(1, len(r)) if e.rejected_mask[t]])
+        segs.append((c + r[s:], list(range(s + C)) + list(range(s, s + R)), [0] * s + [1] * C + [2] * R,
+                     gathers, (s + C - 1, s + C + R - 1)))
+    L = max(len(g[0]) for g in segs)
+    rows: list[list[int]] = []  # pair indices per row
+    if pack:
+        fill: list[int] = []
+        for b in sorted(range(B), key=lambda b: -len(segs[b][0])):
+            n = len(segs[b][0])
+            k = next((k for k, f in enumerate(fill) if f + n <= L), len(fill))
+            if k == len(fill):
+                rows.append([])
+                fill.append(0)
+            rows[k].append(b)
+            fill[k] += n
+    else:
+        rows = [[b] for b in range(B)]
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), L), dtype=torch.long)
+    part = torch.full((len(rows), L), 3, dtype=torch.long)
+    seg = torch.full((len(rows), L), -1, dtype=torch.long)
+    gathers, last = [], [None] * (2 * B)
+    for k, members in enumerate(rows):
+        o = 0
+        for b in sorted(members):
+            ids, pos, parts, g, (lc, lr) = segs[b]
+            n = len(ids)
+            input_ids[k, o:o + n], position_ids[k, o:o + n] = torch.tensor(ids), torch.tensor(pos)
+            part[k, o:o + n], seg[k, o:o + n] = torch.tensor(parts), b
+            gathers += [(k, o + t, tok, q) for t, tok, q in g]
+            last[b], last[B + b] = (k, o + lc), (k, o + lr)
+            o += n
+        position_ids[k, o:] = torch.arange(L - o)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
+    same = seg[:, :, None] == seg[:, None, :]  # padding (-1) sees earlier padding only: no empty rows
     crossing = (part[:, :, None] == 2) & (part[:, None, :] == 1)  # rejected query, chosen key
-    g = torch.tensor(gathers, dtype=torch.long).view(-1, 4)
-    lc = torch.tensor(last, dtype=torch.long)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attn_mask": (causal & ~crossing)[:, None],
-            "lp_row": g[:, 0], "lp_pos": g[:, 1], "lp_tok": g[:, 2], "lp_seq": g[:, 3],
-            "last_row": torch.cat([lc[:, 0], lc[:, 2]]), "last_pos": torch.cat([lc[:, 1], lc[:, 3]]), "num_pairs": B}
+    g = torch.tensor(sorted(gathers, key=lambda x: x[3]), dtype=torch.long).view(-1, 4)
+    lt = torch.tensor(last, dtype=torch.long)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "attn_mask": (causal & same & ~crossing)[:, None],
+             "lp_row": g[:, 0], "lp_pos": g[:, 1], "lp_tok": g[:, 2], "lp_seq": g[:, 3],
+             "last_row": lt[:, 0], "last_pos": lt[:, 1], "num_pairs": B}
+    ratings = _ratings_tensor(examples)
+    if ratings is not None:
+        batch["ratings"] = ratings
+    return batch
+
+
+PairLayout = Literal["packed", "shared", "rows"]
+PAIR_LAYOUT_HELP = ("how pairs become rows: packed = each pair's prompt once, then both answers (the rejected one "
+                    "masked from the chosen one), several pairs per row up to the longest pair's length; shared = "
+                    "the same with one pair per row; rows = a row per answer. All three give the same log-probs "
+                    "and scores")
+
+
+def pair_collator(layout: PairLayout):
+    """The collate function of a pair layout: (examples, pad_id) -> batch."""
+    if layout == "rows":
+        return collate_pairs
+    if layout in ("shared", "packed"):
+        return functools.partial(collate_pairs_shared, pack=layout == "packed")
+    raise ValueError(f"unknown pair layout {layout!r}: expected packed, shared or rows")
 
 
 class PairLoader:
@@ -435,12 +486,12 @@ class PairLoader:
     """
 
     def __init__(self, examples: Sequence[PairExample], batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, pad_id: int = 0, shared_prompt: bool = False):
+                 world_size: int = 1, drop_last: bool = False, pad_id: int = 0, layout: PairLayout = "rows"):
         if batch_size < 1 or not examples or not 0 <= rank < world_size:
             raise ValueError(f"bad loader arguments: batch_size {batch_size}, {len(examples)} pairs, "
                              f"rank {rank}/{world_size}")
         self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
-        self.collate = collate_pairs_shared if shared_prompt else collate_pairs
+        self.collate = pair_collator(layout)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         n = len(self.examples) // batch_size if drop_last else -(-len(self.examples) // batch_size)
         self._steps = n // world_size

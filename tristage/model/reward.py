@@ -5,6 +5,8 @@ Choices, and why:
   hidden size to `num_labels` outputs, exactly Hugging Face's `LlamaForSequenceClassification` (and the
   Qwen2 / Qwen3 / Mistral ones): the same parameter names, so a saved folder loads in transformers with
   `AutoModelForSequenceClassification` and gives the same scores (tested).
+- Only the read positions go through the last layer's queries and MLP (`GPT.hidden_states(at=...)`): keys and
+  values are needed everywhere, the rest only where the score is read, which skips most of that layer's work.
 - The score is read at the last real token of prompt + response (the end-of-turn token). Batches are
   right-padded with the tokenizer's pad token, which is what transformers uses to find that token too
   (the last position that is not `pad_token_id`), so the pad token must differ from the end-of-turn token.
@@ -45,17 +47,18 @@ class RewardModel(GPT):
             raise ValueError(f"labels {self.labels} / weights {self.weights} must have {num_labels} entries")
 
     def forward(self, input_ids: Tensor, last_index: Tensor | None = None, position_ids: Tensor | None = None,
-                attn_mask: Tensor | None = None, pad_id: int | None = None) -> Tensor:
-        """Scores [B, num_labels] at `last_index` [B] (default: the last token that is not `pad_id`)."""
+                attn_mask: Tensor | None = None, pad_id: int | None = None, rows: Tensor | None = None) -> Tensor:
+        """Scores [B, num_labels] at `last_index` [B] (default: the last token that is not `pad_id`). With `rows`
+        [N], scores [N, num_labels] at positions (rows[i], last_index[i]): several sequences packed in a row."""
         if last_index is None:
             if pad_id is None:
                 last_index = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
             else:
                 t = torch.arange(input_ids.shape[1], device=input_ids.device)
                 last_index = (t * (input_ids != pad_id)).argmax(-1)
-        h = self.hidden_states(input_ids, position_ids, attn_mask)
-        h = h[torch.arange(h.shape[0], device=h.device), last_index]
-        return self.score(h).float()
+        if rows is None:
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.score(self.hidden_states(input_ids, position_ids, attn_mask, at=(rows, last_index))).float()
 
     def combine(self, scores: Tensor) -> Tensor:
         """scores [B, num_labels] -> the one documented scalar [B]: out[0] + sum_a w_a * out[a]."""

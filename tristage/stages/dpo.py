@@ -17,10 +17,12 @@ Choices, and why:
   cached in out/reference_logps.pt, keyed by the reference weights, the pairs' tokens and the dtype, so a
   resumed run (or a rerun in the same folder with other hyperparameters) reads them back. So DPO costs
   one model's memory, as SFT does. SimPO and ORPO need no reference at all.
-- One forward pass per batch, and the prompt computed once per pair: a row holds the prompt, the chosen answer
-  and the rejected one, with positions restarting and a mask that hides the chosen answer from the rejected
-  one, so each answer's log-probs are those of its own sequence (tested) at about half the tokens, since
-  prompts are usually longer than answers. `--no-share-prompt` uses two rows per pair instead.
+- One forward pass per batch, and the prompt computed once per pair: a pair is one segment holding the prompt, the
+  chosen answer and the rejected one, with positions restarting and a mask that hides the chosen answer from the
+  rejected one, so each answer's log-probs are those of its own sequence (tested) at about half the tokens, since
+  prompts are usually longer than answers. Segments are packed several to a row, up to the longest one's length,
+  so padding mostly disappears too (`--layout packed`, the default; `shared`: a pair per row; `rows`: a row per
+  answer, the plain layout).
 - Logged per step and on validation: loss, implicit rewards of chosen and rejected (beta * log-ratio to
   the reference; beta * mean token log-prob for the reference-free losses), their margin, and accuracy
   (chosen reward > rejected). Expect the chosen reward to fall while the margin grows: the loss sees only
@@ -44,6 +46,7 @@ from typing import Literal
 import torch
 
 from tristage.config import arg, save_config, to_dict
+from tristage.data.preference import PAIR_LAYOUT_HELP
 from tristage.io import atomic_write_bytes
 from tristage.train import distributed as dist
 from tristage.train.common import (
@@ -71,8 +74,7 @@ class Config:
     val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
     out: str = arg("runs/dpo", help="run folder: config.yaml, metrics.jsonl, reference_logps.pt, model/")
     ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
-    share_prompt: bool = arg(True, help="one row per pair with the prompt computed once (its logits are the same "
-                                        "as two rows'); --no-share-prompt: a row per answer")
+    layout: Literal["packed", "shared", "rows"] = arg("packed", help=PAIR_LAYOUT_HELP)
     loss: LossType = arg("sigmoid", help="sigmoid (DPO; with --label-smoothing: conservative DPO) | ipo | "
                                          "simpo (reference-free) | orpo (reference-free, with an SFT term)")
     beta: float = arg(0.1, help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
@@ -185,7 +187,7 @@ def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | N
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, collate_pairs, collate_pairs_shared, load_pair_splits
+    from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
     from tristage.model.hf import load_model, save_model
     from tristage.tokenizer import Tokenizer
 
@@ -213,9 +215,9 @@ def main(cfg: Config) -> dict:
     def split_batches(examples, loader):
         return [(b, collate([examples[i] for i in b], pad_id)) for b in loader.plan(0)]
 
-    collate = collate_pairs_shared if cfg.share_prompt else collate_pairs
+    collate = pair_collator(cfg.layout)
     loader = PairLoader(train, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size, pad_id=pad_id,
-                        shared_prompt=cfg.share_prompt)
+                        layout=cfg.layout)
     val_batches = []
     if len(val) >= d.world_size:
         val_batches = split_batches(val, PairLoader(val, cfg.batch_size, seed=cfg.seed, rank=d.rank,

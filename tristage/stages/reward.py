@@ -9,8 +9,11 @@ real token of prompt + response (tristage/model/reward.py), trained with the Bra
 (tristage/data/preference.py; the Anthropic HH, TRL, long-form-QA and PandaLM shapes are converted on load).
 
 Choices, and why:
-- Both answers of a batch go through one forward pass (chosen rows, then rejected rows), so their scores
-  come from the same weights and the same numerics.
+- Both answers of a batch go through one forward pass, so their scores come from the same weights and the same
+  numerics, and the prompt is computed once per pair: a pair is one segment holding the prompt, the chosen answer
+  and the rejected one, with positions restarting and a mask that hides the chosen answer from the rejected one,
+  so each score is that of its own sequence (tested). Segments are packed several to a row up to the longest
+  one's length (`--layout packed`, the default; `shared`: a pair per row; `rows`: a row per answer).
 - Optional margin from the ratings (`--margin-scale`): pairs with a larger rating gap must be separated
   by more (Llama 2's margin loss); optional reward centering (`--center-coef`, Eisenstein et al.) adds
   coef * (r_c + r_r)^2, keeping scores near zero so they are comparable across prompts and stable for PPO.
@@ -37,6 +40,7 @@ from typing import Literal
 import torch
 
 from tristage.config import arg, save_config, to_dict
+from tristage.data.preference import PAIR_LAYOUT_HELP
 from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
@@ -65,6 +69,7 @@ class Config:
     out: str = arg("runs/reward", help="run folder: config.yaml, metrics.jsonl, model/")
     on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
     system_prompt: str | None = arg(None, help="system message for prompts that have none")
+    layout: Literal["packed", "shared", "rows"] = arg("packed", help=PAIR_LAYOUT_HELP)
     max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(16, help="pairs per micro-batch per process")
     grad_accum: int = arg(1, help="micro-batches per optimizer step")
@@ -111,8 +116,12 @@ def normalise_ratings(ratings: torch.Tensor, rm) -> torch.Tensor:
 
 
 def pair_scores(model, batch: dict, device) -> torch.Tensor:
-    """Scores [2B, num_labels] of a collated pair batch (chosen rows first)."""
-    return model(batch["input_ids"], batch["last_index"])
+    """Scores [2B, num_labels] (chosen answers first) of a pair batch in either layout: a row per answer
+    (collate_pairs) or pairs sharing their prompt (collate_pairs_shared)."""
+    if "last_row" not in batch:
+        return model(batch["input_ids"], batch["last_index"])
+    return model(batch["input_ids"], batch["last_pos"], batch["position_ids"], batch["attn_mask"],
+                 rows=batch["last_row"])
 
 
 def pair_loss(rm, scores: torch.Tensor, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
@@ -175,7 +184,7 @@ def evaluate(model, rm, batches: list[dict], device, dtype, d=None) -> dict:
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, collate_pairs, load_pair_splits
+    from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
     from tristage.model.hf import load_model
     from tristage.model.reward import (
         RewardModel,
@@ -224,12 +233,13 @@ def main(cfg: Config) -> dict:
     wrapped = dist.wrap(model, d, cfg.parallel)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     loader = PairLoader(train, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
-                        pad_id=tokenizer.pad_id)
+                        pad_id=tokenizer.pad_id, layout=cfg.layout)
     val_batches = []
     if len(val) >= d.world_size:
         vl = PairLoader(val, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                         pad_id=tokenizer.pad_id)
-        val_batches = [collate_pairs([val[i] for i in b], tokenizer.pad_id) for b in vl.plan(0)]
+        collate = pair_collator(cfg.layout)
+        val_batches = [collate([val[i] for i in b], tokenizer.pad_id) for b in vl.plan(0)]
     steps_per_epoch = max(1, loader.steps_per_epoch() // cfg.grad_accum)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     start_step = 0
