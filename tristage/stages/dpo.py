@@ -20,9 +20,9 @@ Choices, and why:
 - One forward pass per batch, and the prompt computed once per pair: a pair is one segment holding the prompt, the
   chosen answer and the rejected one, with positions restarting and a mask that hides the chosen answer from the
   rejected one, so each answer's log-probs are those of its own sequence (tested) at about half the tokens, since
-  prompts are usually longer than answers. Segments are packed several to a row, up to the longest one's length,
-  so padding mostly disappears too (`--layout packed`, the default; `shared`: a pair per row; `rows`: a row per
-  answer, the plain layout).
+  prompts are usually longer than answers. Short segments share a row, up to the longest one's length, which
+  removes padding where pair lengths vary (`--layout packed`, the default; `shared`: a pair per row; `rows`: a
+  row per answer, the plain layout).
 - Logged per step and on validation: loss, implicit rewards of chosen and rejected (beta * log-ratio to
   the reference; beta * mean token log-prob for the reference-free losses), their margin, and accuracy
   (chosen reward > rejected). Expect the chosen reward to fall while the margin grows: the loss sees only
@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from tristage.config import arg, save_config, to_dict
-from tristage.data.preference import PAIR_LAYOUT_HELP
+from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
 from tristage.io import atomic_write_bytes
 from tristage.train import distributed as dist
 from tristage.train.common import (
@@ -74,7 +74,7 @@ class Config:
     val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
     out: str = arg("runs/dpo", help="run folder: config.yaml, metrics.jsonl, reference_logps.pt, model/")
     ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
-    layout: Literal["packed", "shared", "rows"] = arg("packed", help=PAIR_LAYOUT_HELP)
+    layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
     loss: LossType = arg("sigmoid", help="sigmoid (DPO; with --label-smoothing: conservative DPO) | ipo | "
                                          "simpo (reference-free) | orpo (reference-free, with an SFT term)")
     beta: float = arg(0.1, help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")

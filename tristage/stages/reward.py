@@ -12,8 +12,8 @@ Choices, and why:
 - Both answers of a batch go through one forward pass, so their scores come from the same weights and the same
   numerics, and the prompt is computed once per pair: a pair is one segment holding the prompt, the chosen answer
   and the rejected one, with positions restarting and a mask that hides the chosen answer from the rejected one,
-  so each score is that of its own sequence (tested). Segments are packed several to a row up to the longest
-  one's length (`--layout packed`, the default; `shared`: a pair per row; `rows`: a row per answer).
+  so each score is that of its own sequence (tested). Short segments share a row, up to the longest one's length
+  (`--layout packed`, the default; `shared`: a pair per row; `rows`: a row per answer).
 - Optional margin from the ratings (`--margin-scale`): pairs with a larger rating gap must be separated
   by more (Llama 2's margin loss); optional reward centering (`--center-coef`, Eisenstein et al.) adds
   coef * (r_c + r_r)^2, keeping scores near zero so they are comparable across prompts and stable for PPO.
@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 
 from tristage.config import arg, save_config, to_dict
-from tristage.data.preference import PAIR_LAYOUT_HELP
+from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
 from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
@@ -69,7 +69,7 @@ class Config:
     out: str = arg("runs/reward", help="run folder: config.yaml, metrics.jsonl, model/")
     on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
     system_prompt: str | None = arg(None, help="system message for prompts that have none")
-    layout: Literal["packed", "shared", "rows"] = arg("packed", help=PAIR_LAYOUT_HELP)
+    layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
     max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(16, help="pairs per micro-batch per process")
     grad_accum: int = arg(1, help="micro-batches per optimizer step")
