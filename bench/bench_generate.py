@@ -31,14 +31,9 @@ from pathlib import Path
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-bench-"))  # cold compile
 
 import torch  # noqa: E402
+from benchlib import RESULTS, write_section  # noqa: E402
 
 PROMPT, NEW = 32, 128
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = """# Benchmarks
-
-Machine: AMD EPYC (Zen 4), 2 vCPU, avx512_bf16, no AMX; torch 2.13 CPU. Each section says how it was run.
-Ratios are against a peer measured in the same run; absolute figures move with the load on this shared machine.
-"""
 
 
 def cpu_name() -> str:
@@ -156,18 +151,6 @@ def warm_start(b: int) -> float:
     return float(m.group(1))
 
 
-def write_section(text: str) -> None:
-    doc = RESULTS.read_text() if RESULTS.exists() else HEADER
-    section = "## Generation\n\n" + text.strip() + "\n"
-    m = re.search(r"^## Generation\n.*?(?=^## |\Z)", doc, flags=re.S | re.M)
-    if m is None:
-        doc = doc.rstrip() + "\n\n" + section
-    else:
-        rest = doc[m.end():]
-        doc = doc[:m.start()] + section + ("\n" + rest if rest.strip() else "")
-    RESULTS.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -275,7 +258,7 @@ Rows that finish early (sampling, temperature 1, two stop ids; eager engine; tok
 {early}
 """
     if not args.no_write:
-        write_section(text)
+        write_section("Generation", text)
         print(f"\nwrote the Generation section of {RESULTS}")
     return 0
 

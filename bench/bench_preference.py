@@ -41,7 +41,6 @@ import copy
 import json
 import os
 import random
-import re
 import resource
 import statistics
 import subprocess
@@ -52,17 +51,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from benchlib import RESULTS, busy_seconds, memory_kib, own_seconds, wait_quiet, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
-RESULTS = ROOT / "bench" / "RESULTS.md"
-SECTION = "## Preference learning (DPO, reward model)"
-HEADER = """# Benchmarks
-
-Machine: AMD EPYC Zen 4 (Genoa), 2 vCPU KVM guest, avx512_bf16, no AMX, 24 GiB RAM, torch 2.13.0+cpu; no GPU.
-The machine is shared with other jobs, so every section states its load and uses medians; each section says how
-it was run, and ratios are against a peer measured in the same run.
-"""
+SECTION = "Preference learning (DPO, reward model)"
 N_PAIRS, BATCH, MAX_LEN = 64, 8, 256
 DPO_LR, RM_LR, BETA = 5e-4, 1e-4, 0.1
 END = "<|im_end|>"
@@ -93,35 +86,6 @@ ORDER = ["trl_dpo", "trl_dpo_bf16", "ours_dpo", "ours_dpo_bf16", "ours_dpo_rows"
 
 
 # ----------------------------------------------------------------------------- machine load
-def busy_seconds() -> float:
-    """CPU-seconds all processes have been busy since boot (from /proc/stat)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds(who: int) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_quiet(max_wait: float, dt: float = 3.0) -> float:
-    """Wait (up to max_wait s) until the CPUs are idle (< 8% busy over dt, twice in a row); returns the busy share of
-    the last dt (measured at least once)."""
-    t0, ok = time.time(), 0
-    while True:
-        b0 = busy_seconds()
-        time.sleep(dt)
-        share = (busy_seconds() - b0) / (dt * os.cpu_count())
-        ok = ok + 1 if share < 0.08 else 0
-        if ok >= 2 or time.time() - t0 >= max_wait:
-            return share
-
-
-def memory_kib(field: str) -> int:
-    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), flags=re.M)
-    return int(m[1]) if m else 0
-
-
 # ----------------------------------------------------------------------------- setup
 def make_pairs() -> list[dict]:
     """N_PAIRS pairs in TRL's conversational shape: prompt = line 2k, chosen = line 2k+1, rejected = a random line."""
@@ -769,19 +733,6 @@ def trajectory(res: dict[str, dict]) -> str:
     return "; ".join(out) if out else "not compared (a peer is missing)"
 
 
-def write_section(text: str) -> None:
-    doc = RESULTS.read_text() if RESULTS.exists() else HEADER
-    section = SECTION + "\n\n" + text.strip() + "\n"
-    m = re.search(rf"^{re.escape(SECTION)}\n", doc, flags=re.M)
-    if m is None:
-        doc = doc.rstrip() + "\n\n" + section
-    else:
-        nxt = re.search(r"^## ", doc[m.end():], flags=re.M)
-        rest = doc[m.end() + nxt.start():] if nxt else ""
-        doc = doc[:m.start()] + section + ("\n" + rest if rest else "")
-    RESULTS.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_preference"), help="folder for models, data, runs")
@@ -847,8 +798,8 @@ def main() -> int:
     text = report(a, facts, prows, res, load)
     print("\n" + text)
     if not a.no_write:
-        write_section(text)
-        print(f"wrote the {SECTION[3:]} section of {RESULTS}")
+        write_section(SECTION, text)
+        print(f"wrote the {SECTION} section of {RESULTS}")
     return 1 if failed else 0
 
 

@@ -33,16 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import RESULTS, busy_seconds, own_seconds, wait_quiet, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
-RESULTS = ROOT / "bench" / "RESULTS.md"
-HEADER = """# Benchmarks
-
-Machine: AMD EPYC Zen 4 (Genoa), 2 vCPU KVM guest, avx512_bf16, no AMX, 24 GiB RAM, torch 2.13.0+cpu; no GPU.
-The machine is shared with other jobs, so every section states its load and uses medians; each section says how
-it was run, and ratios are against a peer measured in the same run.
-"""
 TARGET, BUDGET_S = 1.886, 55.0
 BLOCK = 25  # plain loop: steps per model before switching to the other
 DISTURBED = 0.05  # a timed run during which other jobs used more than this many CPU-seconds per second is disturbed
@@ -126,28 +120,6 @@ def prepare(work: Path) -> Path:
     subprocess.run(cli("prepare", "--inputs", str(DATA), "--tokenizer", str(work / "tok"), "--out", str(shards),
                        "--split", "tail", "--val-fraction", "0.1"), check=True)
     return shards
-
-
-def busy_seconds() -> float:
-    """CPU-seconds all processes have been busy since boot (from /proc/stat)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds(who: int) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_quiet(max_wait: float, dt: float = 3.0) -> float:
-    """Wait (up to max_wait s) until the CPUs are idle (< 8% busy over dt, twice in a row); returns the busy share."""
-    t0, ok, share = time.time(), 0, 0.0
-    while time.time() - t0 < max_wait and ok < 2:
-        b0 = busy_seconds()
-        time.sleep(dt)
-        share = (busy_seconds() - b0) / (dt * os.cpu_count())
-        ok = ok + 1 if share < 0.08 else 0
-    return share
 
 
 def timed_run(shards: Path, out: Path, recipe: list[str]) -> dict:
@@ -309,19 +281,6 @@ def report(a: argparse.Namespace, peaks: dict, bf16: str, runs: list[dict], plai
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    doc = RESULTS.read_text() if RESULTS.exists() else HEADER
-    section = "## Pre-training\n\n" + text.strip() + "\n"
-    m = re.search(r"^## Pre-training\n", doc, flags=re.M)
-    if m is None:
-        doc = doc.rstrip() + "\n\n" + section
-    else:
-        nxt = re.search(r"^## ", doc[m.end():], flags=re.M)
-        rest = doc[m.end() + nxt.start():] if nxt else ""
-        doc = doc[:m.start()] + section + ("\n" + rest if rest else "")
-    RESULTS.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_pretrain"), help="folder for shards and runs")
@@ -376,7 +335,7 @@ def main() -> int:
     text = report(a, peaks, bf16, runs, plain, recipe, n_params, dtype)
     print("\n" + text)
     if not a.no_write:
-        write_section(text)
+        write_section("Pre-training", text)
         print(f"wrote the Pre-training section of {RESULTS}")
     return 0
 

@@ -43,14 +43,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import RESULTS, busy_share, wait_quiet, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 PREF = DATA / "preference"
 GUTENBERG = DATA / "pretrain" / "gutenberg"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "Reward models on real preference data"
-HEADER = "# Benchmarks\n"
 
 SEED, VAL_FRACTION, MAX_LEN, VOCAB = 0, 0.1, 192, 4096
 SPLIT_SETS = {"hh harmless-base": "hh_rlhf_harmless_base_test.jsonl.gz",
@@ -68,27 +67,6 @@ EVAL_CAP = 500  # evaluation-only sets larger than this: a random sample of this
 QUICK = {"train_pairs": 96, "val_pairs": 40, "eval_pairs": 24, "book_chars": 60_000, "pretrain_steps": 10}
 BOW_L2, BOW_ITERS = 1e-3, 300
 THREADS = os.cpu_count() or 1  # torch threads here and in the CLI steps (OMP_NUM_THREADS); --threads
-
-
-def busy_share(dt: float = 3.0) -> float:
-    """Share of all CPUs busy over dt seconds (from /proc/stat)."""
-    def busy() -> tuple[float, float]:
-        v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-        return sum(v) - v[3] - v[4], sum(v)
-
-    b0, t0 = busy()
-    time.sleep(dt)
-    b1, t1 = busy()
-    return (b1 - b0) / max(t1 - t0, 1)
-
-
-def wait_quiet(max_wait: float) -> float:
-    """Wait up to max_wait seconds until the CPUs are < 10% busy twice in a row; returns the last busy share."""
-    t0, ok, share = time.time(), 0, busy_share(1.0)
-    while time.time() - t0 < max_wait and ok < 2:
-        share = busy_share()
-        ok = ok + 1 if share < 0.1 else 0
-    return share
 
 
 def cli(*args: str) -> list[str]:
@@ -333,19 +311,6 @@ def report(saved: dict) -> str:
     return "\n".join(lines).replace(str(ROOT) + "/", "") + "\n"
 
 
-def write_section(text: str) -> None:
-    doc = RESULTS.read_text() if RESULTS.exists() else HEADER
-    section = f"## {SECTION}\n\n" + text.strip() + "\n"
-    m = re.search(rf"^## {re.escape(SECTION)}\n", doc, flags=re.M)
-    if m is None:
-        doc = doc.rstrip() + "\n\n" + section
-    else:
-        nxt = re.search(r"^## ", doc[m.end():], flags=re.M)
-        rest = doc[m.end() + nxt.start():] if nxt else ""
-        doc = doc[:m.start()] + section + ("\n" + rest if rest else "")
-    RESULTS.write_text(doc)
-
-
 # ----------------------------------------------------------------------------- main
 def main() -> int:
     global THREADS
@@ -364,7 +329,7 @@ def main() -> int:
         text = report(json.loads((Path(a.work) / "results.json").read_text()))
         print(text)
         if not a.no_write:
-            write_section(text)
+            write_section(SECTION, text)
             print(f"wrote the '{SECTION}' section of {RESULTS}")
         return 0
     a.cmd_line = "bench/bench_reward_real.py " + " ".join(sys.argv[1:])
@@ -380,7 +345,7 @@ def main() -> int:
     from tristage.tokenizer import Tokenizer
 
     torch.set_num_threads(THREADS)
-    busy0 = wait_quiet(a.quiet_wait) if a.quiet_wait > 0 else busy_share(1.0)
+    busy0 = wait_quiet(a.quiet_wait, threshold=0.1) if a.quiet_wait > 0 else busy_share(1.0)
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     cpu0 = sum(os.times()[:4])
     work = Path(a.work)
@@ -513,7 +478,7 @@ def main() -> int:
     text = report(saved)
     print("\n" + text)
     if not a.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote the '{SECTION}' section of {RESULTS}")
     return 0
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -41,18 +40,12 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import RESULTS, busy_seconds, memory_kib, own_seconds, wait_quiet, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
 ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca_libre_ok.jsonl"
-RESULTS = ROOT / "bench" / "RESULTS.md"
-SECTION = "## Instruction tuning (SFT)"
-HEADER = """# Benchmarks
-
-Machine: AMD EPYC Zen 4 (Genoa), 2 vCPU KVM guest, avx512_bf16, no AMX, 24 GiB RAM, torch 2.13.0+cpu; no GPU.
-The machine is shared with other jobs, so every section states its load and uses medians; each section says how
-it was run, and ratios are against a peer measured in the same run.
-"""
+SECTION = "Instruction tuning (SFT)"
 N_CHATS, ROWS, MAX_LEN, LR = 2000, 12, 256, 1e-3
 WARMUP = 5  # steps left out of the medians
 DISTURBED = 0.05  # other jobs' CPU-seconds per second of a run above which the run is marked disturbed
@@ -79,33 +72,6 @@ REAL = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention
 
 
 # ----------------------------------------------------------------------------- machine load
-def busy_seconds() -> float:
-    """CPU-seconds all processes have been busy since boot (from /proc/stat)."""
-    v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds(who: int) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_quiet(max_wait: float, dt: float = 3.0) -> float:
-    """Wait (up to max_wait s) until the CPUs are idle (< 8% busy over dt, twice in a row); returns the busy share."""
-    t0, ok, share = time.time(), 0, 0.0
-    while time.time() - t0 < max_wait and ok < 2:
-        b0 = busy_seconds()
-        time.sleep(dt)
-        share = (busy_seconds() - b0) / (dt * os.cpu_count())
-        ok = ok + 1 if share < 0.08 else 0
-    return share
-
-
-def memory_kib(field: str) -> int:
-    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), flags=re.M)
-    return int(m[1]) if m else 0
-
-
 # ----------------------------------------------------------------------------- setup
 def make_chats() -> list[dict]:
     lines = [x for x in SHAKESPEARE.read_text().splitlines() if x.strip()]
@@ -483,19 +449,6 @@ def report(a: argparse.Namespace, facts: dict, res: dict[str, dict], real: dict 
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    doc = RESULTS.read_text() if RESULTS.exists() else HEADER
-    section = SECTION + "\n\n" + text.strip() + "\n"
-    m = re.search(rf"^{re.escape(SECTION)}\n", doc, flags=re.M)
-    if m is None:
-        doc = doc.rstrip() + "\n\n" + section
-    else:
-        nxt = re.search(r"^## ", doc[m.end():], flags=re.M)
-        rest = doc[m.end() + nxt.start():] if nxt else ""
-        doc = doc[:m.start()] + section + ("\n" + rest if rest else "")
-    RESULTS.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_sft"), help="folder for the model, data and runs")
@@ -559,8 +512,8 @@ def main() -> int:
     text = report(a, facts, res, real, load)
     print("\n" + text)
     if not a.no_write:
-        write_section(text)
-        print(f"wrote the {SECTION[3:]} section of {RESULTS}")
+        write_section(SECTION, text)
+        print(f"wrote the {SECTION} section of {RESULTS}")
     return 0
 
 
