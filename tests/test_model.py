@@ -252,9 +252,10 @@ def test_cpu_bf16_training_runs_short_attention_in_fp32(monkeypatch):
     torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("extra", [{}, {"qk_norm": True, "head_dim": 32}, {"sliding_window": 4}])
+@pytest.mark.parametrize("extra", [{}, {"qk_norm": True, "head_dim": 32}, {"sliding_window": 4}, "checkpointing"])
 def test_hidden_states_at_a_few_positions_equal_the_full_pass(extra):
-    model = build_model(ModelConfig(**{**COMMON, **extra}), seed=0)
+    model = build_model(ModelConfig(**(COMMON if extra == "checkpointing" else {**COMMON, **extra})), seed=0)
+    model.gradient_checkpointing = extra == "checkpointing"
     x = torch.randint(0, 97, (3, 11))
     rows, pos = torch.tensor([0, 2, 2, 1]), torch.tensor([10, 3, 9, 0])
     doc_ids = torch.tensor([[0] * 11, [0] * 5 + [1] * 6, [0] * 11])
