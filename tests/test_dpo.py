@@ -114,6 +114,13 @@ def test_reference_cache_is_reused_only_for_the_same_reference_and_pairs(setup, 
     assert torch.load(run / "reference_logps.pt")["key"] != first["key"]
 
 
+def test_bf16_policy_and_reference_agree_exactly_at_step_one(setup, tmp_path):
+    dpo.main(_cfg(setup, tmp_path / "run", max_steps=1, lr=1e-9, dtype="bfloat16"))
+    first = next(r for r in _log(tmp_path / "run") if "loss" in r)
+    assert first["margin"] == 0.0  # the reference pass and the training pass compute the same numbers
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def _layout_pairs(tok):
     from tristage.data.preference import Preference, encode_preferences
 

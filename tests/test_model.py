@@ -229,7 +229,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
 
 
-def test_cpu_bf16_training_runs_short_attention_in_fp32(monkeypatch):
+def test_cpu_bf16_full_passes_run_short_attention_in_fp32(monkeypatch):
     import tristage.model.gpt as gpt
 
     seen = []  # the precision each attention call computes in (autocast casts inside the call)
@@ -244,7 +244,12 @@ def test_cpu_bf16_training_runs_short_attention_in_fp32(monkeypatch):
         model(long)
         with torch.no_grad():
             model(short)
-    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]  # short training rows only
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]  # short full passes only, with or without grad
+    cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(short, cache=cache)  # cached generation keeps bf16 attention
+    assert seen == [torch.bfloat16]
     out.float().sum().backward()  # gradients flow through the fp32 attention
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():

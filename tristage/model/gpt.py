@@ -260,7 +260,7 @@ class Attention(nn.Module):
         if at is not None:
             k, v = k[at[0]], v[at[0]]
         gqa = self.n_kv != self.n_heads
-        if q.device.type == "cpu" and q.requires_grad and k.shape[-2] * self.head_dim <= CPU_FP32_ATTENTION_MAX and (
+        if q.device.type == "cpu" and cache is None and k.shape[-2] * self.head_dim <= CPU_FP32_ATTENTION_MAX and (
                 q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):  # see CPU_FP32_ATTENTION_MAX
             with torch.autocast("cpu", enabled=False):
                 y = self._sdpa(q.float(), k.float(), v.float(), mask, gqa).to(x.dtype)
@@ -278,7 +278,9 @@ class Attention(nn.Module):
 # Training on CPU in bf16/fp16: PyTorch's CPU flash-attention kernel is slower in reduced precision than in fp32
 # when rows are short and heads small (measured with torch 2.13, forward + backward, head dim 32: 2.1x slower at
 # 120-160 keys, 1.1x at 256; head dim 64-128: 1.2x at 160 keys, faster beyond), so attention whose keys x head
-# dim stay within this bound is computed in fp32 (the projections and MLP stay in bf16). Inference is untouched.
+# dim stay within this bound is computed in fp32 (the projections and MLP stay in bf16). The rule covers every
+# full-sequence pass (no KV cache), so a training step, a reference or validation pass and a reward score use
+# the same numerics (DPO's policy and reference agree exactly at step 0); cached generation is untouched.
 CPU_FP32_ATTENTION_MAX = 256 * 32
 
 
