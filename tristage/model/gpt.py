@@ -257,8 +257,8 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if at is not None:
-            k, v = k[at[0]], v[at[0]]
+        if at is not None:  # index_select: its backward (index_add) is far cheaper than indexing's (index_put)
+            k, v = k.index_select(0, at[0]), v.index_select(0, at[0])
         gqa = self.n_kv != self.n_heads
         if q.device.type == "cpu" and cache is None and k.shape[-2] * self.head_dim <= CPU_FP32_ATTENTION_MAX and (
                 q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):  # see CPU_FP32_ATTENTION_MAX
