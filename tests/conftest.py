@@ -54,3 +54,31 @@ def animal_pairs(n: int, seed: int, ratings: bool = False) -> list[dict]:
             row["ratings"] = {"chosen": {"truth": 5, "fluency": fluency}, "rejected": {"truth": 1, "fluency": fluency}}
         rows.append(row)
     return rows
+
+
+def tiny_config(tok, **overrides):
+    """The tests' tiny model shape (hidden 32, 2 layers, 2 heads) for tokenizer `tok`."""
+    from tristage.model.gpt import ModelConfig
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128)
+    return ModelConfig(vocab_size=tok.vocab_size, **{**shape, **overrides})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pair_world(tiny_shards: Path, root: Path, **splits: tuple[int, int] | tuple[int, int, bool]) -> Path:
+    """root/base (a tiny random model with the shards' tokenizer) and root/<split>.jsonl of animal_pairs(*args)."""
+    from tristage.model.gpt import build_model
+    from tristage.model.hf import save_model
+    from tristage.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_shards / "tokenizer")
+    save_model(build_model(tiny_config(tok), seed=0), root / "base", tok)
+    for name, args in splits.items():
+        write_jsonl(root / f"{name}.jsonl", animal_pairs(*args))
+    return root

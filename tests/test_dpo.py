@@ -7,25 +7,17 @@ import math
 
 import pytest
 import torch
-from conftest import animal_pairs as pairs
+from conftest import pair_world
 
 from tristage.data.preference import encode_reply
-from tristage.model.gpt import ModelConfig, build_model
-from tristage.model.hf import load_model, save_model
+from tristage.model.hf import load_model
 from tristage.stages import dpo
 from tristage.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_shards, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    tok = Tokenizer.load(tiny_shards / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=128)
-    save_model(build_model(cfg, seed=0), root / "base", tok)
-    for name, rows in (("train", pairs(96, 0)), ("val", pairs(24, 1))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return pair_world(tiny_shards, tmp_path_factory.mktemp("dpo"), train=(96, 0), val=(24, 1))
 
 
 def _cfg(root, out, **kw):

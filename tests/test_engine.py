@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 import tristage.serve.engine as engine_mod
 from tristage.model.gpt import ModelConfig, build_model
@@ -253,9 +254,7 @@ def saved_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     (root / "c.txt").write_text("the dog sat on the mat. the cat sat on the porch.\n" * 20)
     tok = train_char([str(root / "c.txt")])
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=256)
-    save_model(build_model(cfg, seed=0), root / "model", tok)
+    save_model(build_model(tiny_config(tok, max_position_embeddings=256), seed=0), root / "model", tok)
     return root / "model"
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_config
 
 from tristage.eval.world import answer_logprobs, compare_to_reference
-from tristage.model.gpt import ModelConfig, build_model
+from tristage.model.gpt import build_model
 from tristage.model.hf import save_model
 from tristage.serve.engine import Engine, SamplingParams
 from tristage.tokenizer import Tokenizer
@@ -17,8 +18,7 @@ from tristage.tokenizer import Tokenizer
 def two_models(tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("evalw")
     tok = Tokenizer.load(tiny_shards / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=256)
+    cfg = tiny_config(tok, max_position_embeddings=256)
     save_model(build_model(cfg, seed=0), root / "a", tok)
     save_model(build_model(cfg, seed=1), root / "b", tok)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me a story about a {a}."}) + "\n"

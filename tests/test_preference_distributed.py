@@ -8,26 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import animal_pairs as pairs
+from conftest import pair_world
 
-from tristage.model.gpt import ModelConfig, build_model
-from tristage.model.hf import save_model
 from tristage.stages import dpo, reward
-from tristage.tokenizer import Tokenizer
 
 STAGES = {"reward": reward, "dpo": dpo}
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_shards, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefdist")
-    tok = Tokenizer.load(tiny_shards / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=128)
-    save_model(build_model(cfg, seed=0), root / "base", tok)
-    for name, rows in (("train", pairs(64, 0)), ("val", pairs(16, 1))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return pair_world(tiny_shards, tmp_path_factory.mktemp("prefdist"), train=(64, 0), val=(16, 1))
 
 
 def _args(root, out, batch: int, accum: int = 1) -> list[str]:

@@ -7,23 +7,15 @@ import json
 import pytest
 import torch
 from conftest import animal_pairs as pairs
+from conftest import pair_world
 
-from tristage.model.gpt import ModelConfig, build_model
-from tristage.model.hf import save_model
 from tristage.stages import reward
 from tristage.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_shards, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm")
-    tok = Tokenizer.load(tiny_shards / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=128)
-    save_model(build_model(cfg, seed=0), root / "base", tok)
-    for name, rows in (("train", pairs(160, 0)), ("val", pairs(40, 1)), ("rated", pairs(160, 2, ratings=True))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return pair_world(tiny_shards, tmp_path_factory.mktemp("rm"), train=(160, 0), val=(40, 1), rated=(160, 2, True))
 
 
 def _cfg(root, out, **kw):

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from tristage.model.gpt import ModelConfig, build_model
+from tristage.model.gpt import build_model
 from tristage.model.reward import from_causal_lm, save_reward_model
 from tristage.serve import score
 from tristage.tokenizer import Tokenizer
@@ -17,9 +18,8 @@ from tristage.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def rm_folder(tiny_shards, tmp_path_factory):
     tok = Tokenizer.load(tiny_shards / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=128)
-    rm = from_causal_lm(build_model(cfg, seed=0), 2, seed=1, labels=["reward", "fluency"], weights=[1.0, 0.5])
+    rm = from_causal_lm(build_model(tiny_config(tok), seed=0), 2, seed=1, labels=["reward", "fluency"],
+                        weights=[1.0, 0.5])
     folder = tmp_path_factory.mktemp("score") / "rm"
     save_reward_model(rm, folder, tok)
     return folder

@@ -7,8 +7,9 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from tristage.model.gpt import ModelConfig, build_model
+from tristage.model.gpt import build_model
 from tristage.model.hf import save_model
 from tristage.stages import sft
 from tristage.tokenizer import Tokenizer
@@ -20,9 +21,7 @@ ANIMALS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "owl": "
 def base_and_data(tiny_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     tok = Tokenizer.load(tiny_shards / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=256)
-    save_model(build_model(cfg, seed=0), root / "base", tok)
+    save_model(build_model(tiny_config(tok, max_position_embeddings=256), seed=0), root / "base", tok)
     rng = random.Random(0)
     rows = []
     for _ in range(120):
