@@ -34,6 +34,10 @@ Choices, and why (figures: bench/RESULTS.md, tiny 1M Llama on 2 CPU cores, where
   `SlotKVCache` (per-layer buffers written at a slot tensor, attention length taken from the mask's shape), so one
   graph serves every batch size and length (batch 1 gets its own) and rows can still leave the batch. It pays only
   after its compile time (bench/RESULTS.md); the default is eager, the fastest for a chat turn or a few batches.
+- The loop reads as its parts, in order: `_prefill` (prompts -> a `Batch` and the first logits), `Batch.sample`
+  (one token per row), `Batch.stop` (rows that hit a stop token finish), `Batch.compact` (finished rows leave),
+  `_decode_step` (one token through the model). `Batch` holds everything one call's rows need (cache, positions,
+  key validity, generated tokens, finished flags), so a server batching requests continuously reuses the parts.
 """
 
 from __future__ import annotations
@@ -140,6 +144,91 @@ class SlotKVCache:
         self.ks, self.vs = [k[rows] for k in self.ks], [v[rows] for v in self.vs]
 
 
+def first_stops(tokens: Tensor, stops: Tensor) -> list[int]:
+    """tokens [B, n], stops [S] -> for each row, the index of its first stop token, or -1 (one host sync)."""
+    hit = torch.isin(tokens, stops)
+    return torch.where(hit.any(1), hit.int().argmax(1), -1).tolist()
+
+
+@dataclass
+class Batch:
+    """The state of one generate call: b rows still in the batch (of `size` prompts), L = T + max_new slots.
+
+    Row r of every tensor is prompt `rows[r]`; `compact` drops finished rows from all of them at once. A finished
+    row that has not left yet keeps decoding (its `live` flag is off and its results are already taken).
+    """
+
+    size: int  # prompts in the call: the sampling noise is drawn for all of them every step
+    prompt_lens: list[int]  # by prompt index
+    T: int  # prompt slots (the longest prompt; shorter ones are left-padded)
+    max_new: int  # steps at most
+    cache: KVCache | SlotKVCache
+    kpos: Tensor  # [L] slot indices
+    valid: Tensor  # [b, L] bool: the slot holds a real token, not padding
+    pos: Tensor  # [b, L] position id of each slot (slot - padding, clamped at 0)
+    window: int | None  # the sliding window, when the call reaches past it
+    padded: bool  # some row in the batch has padding (otherwise decode steps need no mask)
+    tokens: Tensor  # [b, max_new] generated ids
+    logprobs: Tensor | None  # [b, max_new] fp32, raw-logit log-probs of the generated ids
+    sampling_logprobs: Tensor | None  # [b, max_new] fp32, under the processed distribution
+    rows: list[int]  # prompt index of each row
+    live: list[bool]  # rows not finished yet
+    completions: list[Completion | None]  # by prompt index, filled as rows finish
+    last: Tensor | None = None  # [b] the tokens sampled at the latest step
+    row_idx: Tensor | None = None  # `rows` as a tensor, once rows have left
+    checked: int = 0  # steps already searched for stop tokens
+
+    def sample(self, step: int, logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> Tensor:
+        """Draw this step's tokens from logits [b, V] and record them (and their log-probs) at `step`: -> [b]."""
+        logits = logits.float()
+        noise = None
+        if p.temperature != 0:  # drawn for the whole original batch: a row's draws do not depend on who left
+            noise = torch.empty(self.size, logits.shape[-1], device=logits.device).exponential_(1, generator=generator)
+            noise = noise[self.row_idx] if self.row_idx is not None else noise
+        tok, slp = sample(logits, p, noise)
+        self.tokens[:, step] = tok
+        if self.logprobs is not None:
+            self.logprobs[:, step] = logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+        if self.sampling_logprobs is not None:
+            self.sampling_logprobs[:, step] = slp
+        self.last = tok
+        return tok
+
+    def running(self, tok: Tensor) -> tuple[list[int], list[int]]:
+        """The prompt indices of the live rows and their tokens in tok [b] (a host sync)."""
+        toks = tok.tolist()
+        return [self.rows[r] for r in range(len(self.rows)) if self.live[r]], \
+            [toks[r] for r in range(len(self.rows)) if self.live[r]]
+
+    def stop(self, stops: Tensor, upto: int) -> None:
+        """Finish every live row with a stop token among steps [checked, upto), at (and including) the first."""
+        for r, f in enumerate(first_stops(self.tokens[:, self.checked:upto], stops)):
+            if self.live[r] and f >= 0:
+                self.finish(r, self.checked + f + 1, "stop")
+        self.checked = upto
+
+    def finish(self, r: int, n: int, reason: Literal["stop", "length"]) -> None:
+        """Row r's completion is its first n tokens."""
+        lps, slps = self.logprobs, self.sampling_logprobs
+        self.completions[self.rows[r]] = Completion(
+            self.tokens[r, :n].tolist(), reason, lps[r, :n].tolist() if lps is not None else None,
+            slps[r, :n].tolist() if slps is not None else None, self.prompt_lens[self.rows[r]])
+        self.live[r] = False
+
+    def compact(self) -> None:
+        """Finished rows leave the batch: the cache and every per-row tensor keep only the live rows."""
+        keep = [r for r in range(len(self.rows)) if self.live[r]]
+        idx = torch.tensor(keep, device=self.tokens.device)
+        self.cache.select(idx)
+        self.tokens, self.valid, self.pos = self.tokens[idx], self.valid[idx], self.pos[idx]
+        self.last = self.last[idx] if self.last is not None else None
+        self.logprobs = self.logprobs[idx] if self.logprobs is not None else None
+        self.sampling_logprobs = self.sampling_logprobs[idx] if self.sampling_logprobs is not None else None
+        self.rows, self.live = [self.rows[r] for r in keep], [True] * len(keep)
+        self.row_idx = torch.tensor(self.rows, device=self.tokens.device)
+        self.padded = self.padded and bool((~self.valid[:, : self.T]).any())
+
+
 class Engine:
     """Batched prefill + decode over a `GPT`. Not thread-safe: one generate call at a time."""
 
@@ -156,11 +245,6 @@ class Engine:
     def _slot_step(self, tok: Tensor, pos: Tensor, mask: Tensor, ks: list[Tensor], vs: list[Tensor],
                    slot: Tensor) -> Tensor:
         return self.model(tok, pos, mask, SlotKVCache(ks, vs, slot, mask.shape[-1]))[:, -1]
-
-    def _decode(self, tok: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | SlotKVCache) -> Tensor:
-        if isinstance(cache, SlotKVCache):
-            return self._compiled(tok, pos, mask, cache.ks, cache.vs, cache.slot)
-        return self.model(tok, pos, mask, cache)[:, -1]
 
     # ---- public API ---------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
@@ -197,6 +281,35 @@ class Engine:
     @torch.inference_mode()
     def _loop(self, prompts: Sequence[Sequence[int]], p: SamplingParams, generator: torch.Generator | None,
               results: list[Completion | None], stream: bool) -> Iterator[tuple[list[int], list[int]]]:
+        """Yields (prompt indices, tokens) of the live rows after each step when `stream`; fills `results`."""
+        batch, logits = self._prefill(prompts, p)
+        dev = batch.tokens.device
+        if generator is None and p.seed is not None:
+            generator = torch.Generator(dev).manual_seed(p.seed)
+        stops = torch.tensor(list(p.stop_ids), dtype=torch.long, device=dev) if p.stop_ids else None
+        for i in range(batch.max_new):
+            tok = batch.sample(i, logits, p, generator)
+            if stream:
+                yield batch.running(tok)
+            if stops is not None and (stream or (i + 1) % self.check_every == 0 or i == batch.max_new - 1):
+                batch.stop(stops, i + 1)
+                if not any(batch.live):
+                    break
+                if batch.live.count(False) >= max(1, self.compact_at * len(batch.rows)):
+                    batch.compact()
+            if i == batch.max_new - 1:
+                break
+            logits = self._decode_step(batch, i)
+        for r in range(len(batch.rows)):
+            if batch.live[r]:
+                batch.finish(r, batch.max_new, "length")
+        results[:] = batch.completions
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], p: SamplingParams) -> tuple[Batch, Tensor]:
+        """Left-pad the prompts into one forward that fills the cache: -> the batch and the last logits [B, V].
+
+        Everything per call is built here once (cache, key validity, positions, output buffers) and sliced later.
+        """
         model, cfg = self.model, self.model.config
         dev = model.rope_cos.device
         dtype = next(model.parameters()).dtype
@@ -208,11 +321,8 @@ class Engine:
         if max_new <= 0:
             raise ValueError(f"prompt of {T} tokens leaves no room within max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
-        if generator is None and p.seed is not None:
-            generator = torch.Generator(dev).manual_seed(p.seed)
         total = T + max_new
 
-        # per-call tensors, built once and sliced per step: left-padded ids, key validity, positions
         pad = torch.tensor([T - n for n in lens], device=dev)
         ids = torch.zeros(B, T, dtype=torch.long, device=dev)
         for i, x in enumerate(prompts):
@@ -231,66 +341,22 @@ class Engine:
         mask = prefill_mask(valid, T, T, window) if padded or window else None
         logits = model(ids, pos[:, :T], mask, cache, last_only=True)[:, -1]
 
-        tokens = torch.empty(B, max_new, dtype=torch.long, device=dev)
-        lps = torch.empty(B, max_new, device=dev) if p.logprobs else None
-        slps = torch.empty(B, max_new, device=dev) if p.sampling_logprobs else None
-        stops = torch.tensor(list(p.stop_ids), dtype=torch.long, device=dev) if p.stop_ids else None
-        rows = list(range(B))  # prompt index of each row of the running batch
-        row_idx: Tensor | None = None  # the same as a tensor, once rows have left
-        live = [True] * B  # rows not finished yet (finished rows may still be in the batch, masked)
-        checked = 0  # steps already searched for stop tokens
+        batch = Batch(size=B, prompt_lens=lens, T=T, max_new=max_new, cache=cache, kpos=kpos, valid=valid, pos=pos,
+                      window=window, padded=padded, tokens=torch.empty(B, max_new, dtype=torch.long, device=dev),
+                      logprobs=torch.empty(B, max_new, device=dev) if p.logprobs else None,
+                      sampling_logprobs=torch.empty(B, max_new, device=dev) if p.sampling_logprobs else None,
+                      rows=list(range(B)), live=[True] * B, completions=[None] * B)
+        return batch, logits
 
-        def finish(r: int, n: int, reason: Literal["stop", "length"]) -> None:
-            results[rows[r]] = Completion(tokens[r, :n].tolist(), reason,
-                                          lps[r, :n].tolist() if lps is not None else None,
-                                          slps[r, :n].tolist() if slps is not None else None, lens[rows[r]])
-            live[r] = False
-
-        for i in range(max_new):
-            logits = logits.float()
-            noise = None
-            if p.temperature != 0:  # drawn for the whole original batch: a row's draws do not depend on who left
-                noise = torch.empty(B, logits.shape[-1], device=dev).exponential_(1, generator=generator)
-                noise = noise[row_idx] if row_idx is not None else noise
-            tok, slp = sample(logits, p, noise)
-            tokens[:, i] = tok
-            if lps is not None:
-                lps[:, i] = logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-            if slps is not None:
-                slps[:, i] = slp
-            if stream:
-                toks = tok.tolist()
-                yield [rows[r] for r in range(len(rows)) if live[r]], [toks[r] for r in range(len(rows)) if live[r]]
-            if stops is not None and (stream or (i + 1) % self.check_every == 0 or i == max_new - 1):
-                hit = torch.isin(tokens[:, checked: i + 1], stops)
-                first = torch.where(hit.any(1), hit.int().argmax(1), -1).tolist()
-                for r, f in enumerate(first):
-                    if live[r] and f >= 0:
-                        finish(r, checked + f + 1, "stop")
-                checked = i + 1
-                if not any(live):
-                    return
-                done = live.count(False)
-                if done >= max(1, self.compact_at * len(rows)):
-                    keep = [r for r in range(len(rows)) if live[r]]
-                    idx = torch.tensor(keep, device=dev)
-                    cache.select(idx)
-                    tokens, tok, valid, pos = tokens[idx], tok[idx], valid[idx], pos[idx]
-                    lps = lps[idx] if lps is not None else None
-                    slps = slps[idx] if slps is not None else None
-                    rows, live = [rows[r] for r in keep], [True] * len(keep)
-                    row_idx = torch.tensor(rows, device=dev)
-                    padded = padded and bool((~valid[:, :T]).any())
-            if i == max_new - 1:
-                break
-            t = T + i  # the slot this step's token goes into
-            m = valid[:, None, None, :t + 1] if padded or window or self.compile else None  # compiled: n from mask
-            if window:
-                m = m & (kpos[:t + 1] > t - window)
-            if self.compile:
-                cache.slot = kpos[t:t + 1]
-            logits = self._decode(tok[:, None], pos[:, t:t + 1], m, cache)
-        for r in range(len(rows)):
-            if live[r]:
-                finish(r, max_new, "length")
-
+    def _decode_step(self, batch: Batch, step: int) -> Tensor:
+        """Feed the tokens sampled at `step` through the model (into cache slot T + step): -> next logits [b, V]."""
+        t = batch.T + step
+        window, cache = batch.window, batch.cache
+        m = batch.valid[:, None, None, :t + 1] if batch.padded or window or self.compile else None  # compiled: n
+        if window:  # from the mask's shape
+            m = m & (batch.kpos[:t + 1] > t - window)
+        tok, pos = batch.last[:, None], batch.pos[:, t:t + 1]  # type: ignore[index]
+        if isinstance(cache, SlotKVCache):
+            cache.slot = batch.kpos[t:t + 1]
+            return self._compiled(tok, pos, m, cache.ks, cache.vs, cache.slot)
+        return self.model(tok, pos, m, cache)[:, -1]
