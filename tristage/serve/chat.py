@@ -33,8 +33,8 @@ class Config:
 
 def chat_loop(model, tok, params, system: str | None, stdin: TextIO, stdout: TextIO) -> list[dict[str, str]]:
     """Run the chat until /exit or end of input; returns the final history."""
+    from tristage.serve.detok import stream_text
     from tristage.serve.engine import Engine
-    from tristage.serve.generate import response_text
 
     engine = Engine(model)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -60,16 +60,13 @@ def chat_loop(model, tok, params, system: str | None, stdin: TextIO, stdout: Tex
         history.append({"role": "user", "content": line})
         ids = tok.apply_chat_template(history, add_generation_prompt=True)
         stdout.write("model> ")
-        tokens, shown = [], ""
-        for t, reason in engine.stream(ids, params, generator=generator):
-            tokens.append(t)
-            text = response_text(tok, tokens, reason or "length")
-            if reason is not None or not text.endswith("\ufffd"):
-                stdout.write(text[len(shown):])
-                stdout.flush()
-                shown = text
-        stdout.write("\n" if reason == "stop" else " [cut at --max-new-tokens]\n")
-        history.append({"role": "assistant", "content": shown.strip()})
+        answer = ""
+        for text, reason in stream_text(tok, engine.stream(ids, params, generator=generator)):
+            answer += text
+            end = "" if reason is None else "\n" if reason == "stop" else " [cut at --max-new-tokens]\n"
+            stdout.write(text + end)
+            stdout.flush()
+        history.append({"role": "assistant", "content": answer.strip()})
 
 
 def main(cfg: Config) -> int:

@@ -89,6 +89,7 @@ def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
 
 def main(cfg: Config) -> int:
     from tristage.model.hf import load_model
+    from tristage.serve.detok import stream_text
     from tristage.serve.engine import Engine, SamplingParams
     from tristage.tokenizer import Tokenizer
     from tristage.train.common import progress, resolve_dtype
@@ -107,14 +108,10 @@ def main(cfg: Config) -> int:
                             top_p=cfg.top_p, stop_ids=stop_ids(tok, folder), seed=cfg.seed)
 
     if cfg.prompt is not None:  # stream to the terminal, printing only whole characters
-        ids, shown, tokens = encode_prompt(tok, cfg.prompt, None, cfg.chat), "", []
-        for t, reason in engine.stream(ids, params):
-            tokens.append(t)
-            text = response_text(tok, tokens, reason or "length")
-            if reason is not None or not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
+        ids = encode_prompt(tok, cfg.prompt, None, cfg.chat)
+        for text, _ in stream_text(tok, engine.stream(ids, params)):
+            sys.stdout.write(text)
+            sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
 
