@@ -48,13 +48,19 @@ def open_text(path: str | os.PathLike):
 
 
 class DataError(ValueError):
-    """A bad input record, located by file, line and field."""
+    """A bad input record, located by file, line and field: `file:line: field 'x': reason`, the one error of every
+    data reader. A parser of one record raises it unlocated (path None: `field 'x': reason`), and the reader that
+    knows the file and line locates it with `at`."""
 
-    def __init__(self, path: str | os.PathLike, line: int | None, reason: str, field: str | None = None):
-        where = f"{path}" + (f":{line}" if line is not None else "")
+    def __init__(self, path: str | os.PathLike | None, line: int | None, reason: str, field: str | None = None):
+        where = "" if path is None else f"{path}" + (f":{line}" if line is not None else "") + ":"
         what = f" field {field!r}:" if field else ""
-        super().__init__(f"{where}:{what} {reason}")
-        self.path, self.line, self.field, self.reason = str(path), line, field, reason
+        super().__init__(f"{where}{what} {reason}".lstrip())
+        self.path, self.line, self.field, self.reason = None if path is None else str(path), line, field, reason
+
+    def at(self, path: str | os.PathLike, line: int | None) -> DataError:
+        """The same error, located in `path` at `line`."""
+        return DataError(path, line, self.reason, self.field)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -1,15 +1,14 @@
 """Chat data for SFT: load conversations, render them to (ids, loss mask), batch them padded or packed.
 
 Choices:
-- Loading: one reader for JSONL and JSON lists (detected by a leading `[`, whatever the suffix; .gz too). The shape is
-  detected per record: `messages` (OpenAI: role/content), `conversations` (ShareGPT: from/value, human|user|gpt|
+- Loading: records.py's reader (JSONL or a JSON list, .gz too; located DataErrors; `on_error` raises the first or
+  skips and collects them all, and `format_skipped` says how many: callers always print it). The shape is detected
+  per record: `messages` (OpenAI: role/content), `conversations` (ShareGPT: from/value, human|user|gpt|
   assistant|chatgpt|system, optional top-level `system`), else Alpaca (`instruction`, optional `input`, `output`,
   optional `system`; user = instruction + "\\n\\n" + input when input is non-empty and not the self-instruct
-  placeholder "<noinput>"). Only role and content are kept. A record is valid when: roles are system/user/assistant,
-  a system message comes only first, contents are non-blank strings, the first non-system turn is the user's, and it
-  ends with an assistant turn. A bad record becomes a DataError naming the file, line (1-based record number in a
-  JSON list) and field; `on_error="raise"` raises the first, "skip" returns them all, and `format_skipped` says how
-  many were skipped: callers always print it, so nothing is dropped silently.
+  placeholder "<noinput>"). Only role and content are kept. A record is valid when its turns pass
+  `records.check_turns` ending with the assistant's: roles are system/user/assistant, a system message comes only
+  first, contents are non-blank strings, the first non-system turn is the user's, and it ends with an assistant turn.
 - Loss mask, for any chat template (ours with {% generation %} tags, or imported Llama-3 / Qwen ones without): the
   conversation is rendered once; assistant message i spans the text between render(messages[:i], generation
   prompt) and render(messages[:i+1]). Both must be prefixes of the full text, or the template is reported as unfit
@@ -30,33 +29,33 @@ Choices:
 - Padded batches are right-padded with -100 labels, and plain causal attention (attn_mask None) is exact for the real
   tokens since padding comes after them. Labels never look at pad_id, so pad_id may equal eos or the end-of-turn
   token without masking it (the classic "model never stops" bug).
-- Packing: best-fit decreasing bin packing (deterministic, typically > 95% full); doc ids give a block-diagonal
-  causal mask (`make_attention_mask`) and positions restarting per conversation, so a conversation's loss does not
-  depend on its row mates (tested). Rows are packed once; each epoch shuffles rows (packed) or examples (padded)
-  with a generator seeded by (seed, epoch). The loader's position is (epoch, index): state_dict/load_state_dict
-  resume exactly. The dense [B, 1, T, T] mask is simple and fine at SFT lengths; varlen attention would avoid it.
+- Packing: best-fit decreasing bin packing (deterministic, typically > 95% full); doc ids give a block-diagonal causal
+  mask (`make_attention_mask`) and positions restarting per conversation, so a conversation's loss does not depend on
+  its row mates (tested). Rows are packed once; each epoch shuffles rows (packed) or examples (padded) with a generator
+  seeded by (seed, epoch). The loader's position is (epoch, index), kept by position.py as PairLoader's is:
+  state_dict/load_state_dict resume exactly. The dense [B, 1, T, T] mask is simple and fine at SFT lengths; varlen
+  attention would avoid it.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import jinja2
 import numpy as np
 import torch
 
-from tristage.io import DataError, open_text
+from tristage.data.position import advance, resume_position
+from tristage.data.records import Turn, bad, check_turns, format_skipped, load_records, text_field
+from tristage.io import DataError
 from tristage.model.gpt import make_attention_mask, positions_from_doc_ids
 from tristage.tokenizer import Tokenizer
 
 IGNORE = -100
-T = TypeVar("T")
-ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
 
@@ -69,116 +68,43 @@ class Conversation:
     line: int | None = None
 
 
-class _Bad(Exception):
-    def __init__(self, reason: str, field: str | None = None):
-        super().__init__(reason)
-        self.reason, self.field = reason, field
-
-
-def _str(obj: Any, key: str, where: str, optional: bool = False) -> str | None:
-    if not isinstance(obj, dict):
-        raise _Bad(f"expected an object, got {type(obj).__name__}", where or None)
-    value = obj.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise _Bad(f"expected a string, got {type(value).__name__}", f"{where}.{key}" if where else key)
-    return value
-
-
-def _turns(obj: Any) -> tuple[list[tuple[str, str, str, str]], str | None]:
+def _turns(obj: Any) -> tuple[list[Turn], str | None]:
     """(role, content, role field, content field) per message, and the list's field name."""
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+        raise bad(f"expected a JSON object, got {type(obj).__name__}")
     for key, role_key, text_key, roles in (("messages", "role", "content", None),
                                            ("conversations", "from", "value", SHAREGPT_ROLES)):
         if key in obj:
             if not isinstance(obj[key], list) or not obj[key]:
-                raise _Bad("expected a non-empty list of messages", key)
+                raise bad("expected a non-empty list of messages", key)
             turns = []
-            if key == "conversations" and (system := _str(obj, "system", "", optional=True)):
+            if key == "conversations" and (system := text_field(obj, "system", "", optional=True)):
                 turns.append(("system", system, "system", "system"))
             for i, m in enumerate(obj[key]):
                 where = f"{key}[{i}]"
-                role, text = _str(m, role_key, where), _str(m, text_key, where)
+                role, text = text_field(m, role_key, where), text_field(m, text_key, where)
                 turns.append((roles.get(role, role) if roles else role, text, f"{where}.{role_key}",
                               f"{where}.{text_key}"))
             return turns, key
     if "instruction" in obj or "output" in obj:  # Alpaca
-        system, inp = _str(obj, "system", "", optional=True), _str(obj, "input", "", optional=True)
-        user = _str(obj, "instruction", "")
+        system, inp = text_field(obj, "system", "", optional=True), text_field(obj, "input", "", optional=True)
+        user = text_field(obj, "instruction", "")
         if inp and inp.strip() and inp.strip() != "<noinput>":
             user = f"{user}\n\n{inp}"
         turns = [("system", system, "system", "system")] if system else []
         return turns + [("user", user, "instruction", "instruction"),
-                        ("assistant", _str(obj, "output", ""), "output", "output")], None
-    raise _Bad(f"unrecognised record: expected 'messages', 'conversations' or 'instruction'/'output', "
-               f"got keys {sorted(obj)}")
+                        ("assistant", text_field(obj, "output", ""), "output", "output")], None
+    raise bad(f"unrecognised record: expected 'messages', 'conversations' or 'instruction'/'output', "
+              f"got keys {sorted(obj)}")
 
 
 def parse_record(obj: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """One record in any supported shape -> validated messages; raises _Bad(reason, field)."""
+    """One record in any supported shape -> validated messages; raises an unlocated DataError (records.bad)."""
     turns, list_field = _turns(obj)
-    for k, (role, content, role_field, content_field) in enumerate(turns):
-        if role not in ROLES:
-            raise _Bad(f"unknown role {role!r} (expected system, user or assistant)", role_field)
-        if role == "system" and k > 0:
-            raise _Bad("a system message may only come first", role_field)
-        if not content.strip():
-            raise _Bad("empty content", content_field)
-    roles = [t[0] for t in turns]
-    if "assistant" not in roles:
-        raise _Bad("no assistant turn", list_field)
-    first = next(t for t in turns if t[0] != "system")
-    if first[0] != "user":
-        raise _Bad(f"the first turn is the {first[0]}'s, not the user's", first[2])
-    if roles[-1] != "assistant":
-        raise _Bad(f"the conversation ends with a {roles[-1]} turn, not the assistant's", turns[-1][2])
-    messages = [{"role": r, "content": c} for r, c, _, _ in turns]
-    if system_prompt and roles[0] != "system":
+    messages = check_turns(turns, "assistant", list_field)
+    if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
-
-
-def _records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line, object) per JSONL line, or (1-based index, object) per element of a JSON list; bad JSON -> _Bad."""
-    with open_text(path) as fh:
-        first = True
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if first and line.lstrip().startswith("["):  # a JSON list: the whole file is one document
-                try:
-                    data = json.loads(line + fh.read())
-                except json.JSONDecodeError as e:
-                    raise DataError(path, i + e.lineno - 1, f"invalid JSON ({e.msg} at column {e.colno})") from None
-                yield from enumerate(data, 1)
-                return
-            first = False
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, _Bad(f"invalid JSON ({e.msg} at column {e.colno})")
-
-
-def load_records(path: str | os.PathLike, parse: Callable[[Any, int], T],
-                 on_error: Literal["raise", "skip"] = "raise") -> tuple[list[T], list[DataError]]:
-    """Every record of a JSONL / JSON-list file (.gz ok) through `parse(obj, line)`, which raises _Bad for an invalid
-    one -> (parsed records, errors of the skipped ones); with on_error="raise" the first error is raised instead."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    out, errors = [], []
-    for line, obj in _records(path):
-        try:
-            if isinstance(obj, _Bad):
-                raise obj
-            out.append(parse(obj, line))
-        except _Bad as bad:
-            err = DataError(path, line, bad.reason, bad.field)
-            if on_error == "raise":
-                raise err from None
-            errors.append(err)
-    return out, errors
 
 
 def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise",
@@ -186,11 +112,6 @@ def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip
     """Read a chat file (JSONL or JSON list, optionally .gz) -> (valid conversations, errors of skipped records)."""
     return load_records(path, lambda obj, line: Conversation(parse_record(obj, system_prompt), str(path), line),
                         on_error)
-
-
-def format_skipped(errors: Sequence[DataError], what: str = "invalid records") -> str:
-    """'skipped N invalid records (first: file:line: reason)': print it always, zero included."""
-    return f"skipped {len(errors)} {what}" + (f" (first: {errors[0]})" if errors else "")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -416,20 +337,17 @@ class ChatLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self.index >= len(self.plan(self.epoch)):
-            self.epoch, self.index = self.epoch + 1, 0
-        self.index += 1
-        return self.collate(self.plan(self.epoch)[self.index - 1])
+        batch, self.epoch, self.index = advance(self.plan, self.epoch, self.index)
+        return self.collate(batch)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the plans: a saved position resumes only under the same settings."""
+        return {"seed": self.seed, "mode": self.mode, "tokens_per_batch": self.tokens_per_batch,
+                "seq_len": self.seq_len, "n_examples": len(self.examples), "rank": self.rank,
+                "world_size": self.world_size}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "mode": self.mode,
-                "tokens_per_batch": self.tokens_per_batch, "seq_len": self.seq_len,
-                "n_examples": len(self.examples), "rank": self.rank, "world_size": self.world_size}
+        return {"epoch": self.epoch, "index": self.index, **self.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        diff = [k for k in mine if k not in ("epoch", "index") and state.get(k) != mine[k]]
-        if diff:
-            raise ValueError("loader state does not match this loader: " +
-                             ", ".join(f"{k} {state.get(k)!r} != {mine[k]!r}" for k in diff))
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.index = resume_position(state, self.settings())

@@ -1,11 +1,11 @@
 """Preference pairs for reward models and DPO: load them in the common shapes, encode both responses, batch them.
 
 Choices:
-- Loading reuses chat.py's reader (JSONL or a JSON list, .gz too, located errors). A pair is a prompt (messages
-  ending with the user's turn, optional system first), a chosen and a rejected reply, optional per-attribute
-  `ratings` {"chosen": {attr: number}, "rejected": {...}}, an optional `rationale`, and `meta` (the record's `meta`
-  object plus every top-level key the shape does not use, e.g. judge scores, so nothing is lost). The shape is
-  detected per record:
+- Loading is records.py's (JSONL or a JSON list, .gz too, located errors; the prompt is `records.prompt_messages`). A
+  pair is a prompt (messages ending with the user's turn, optional system first), a chosen and a rejected reply,
+  optional per-attribute `ratings` {"chosen": {attr: number}, "rejected": {...}}, an optional `rationale`, and `meta`
+  (the record's `meta` object plus every top-level key the shape does not use, e.g. judge scores, so nothing is lost).
+  The shape is detected per record:
   * `prompt` (a string = one user message, or a list of messages) or `messages`, with `chosen` / `rejected` each a
     string, one assistant message, or a list of exactly one (TRL's conversational shape);
   * Anthropic HH: only `chosen` and `rejected`, two whole transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...". They are
@@ -19,7 +19,7 @@ Choices:
     and is an error (skippable, counted), as is a pair whose replies are not non-blank strings (the file holds a
     few JSON `true`s and empty replies).
   A pair whose two replies are the same (after stripping) teaches nothing; it is reported as an error too, so a
-  skip counts it. Errors are chat.py's: DataError with file, line and field; `on_error` raises or collects.
+  skip counts it. Errors are DataErrors with file, line and field; `on_error` raises or collects.
 - Encoding: each side is chat.render(prompt + [assistant reply]): the ids of tokenizer.apply_chat_template and a mask
   of which only the last run (the final reply up to and including its end-of-turn token) is kept, so assistant turns
   inside the prompt are context, never scored. Tokens after the last masked one are dropped: a sequence ends on its
@@ -33,10 +33,11 @@ Choices:
   in the reply, else -100), so the per-token cross-entropy at t is -log p(reply token t + 1), and summed per row the
   sequence log-probability DPO needs. `last_index` is each row's last real token. Ratings become a [2B, A] float
   tensor in a fixed attribute order, NaN where missing.
-- PairLoader: an endless iterator; each epoch shuffles pair indices with a torch.Generator seeded from
-  (seed, epoch), cuts them into batches of `batch_size` pairs, and rank r of W takes batches r, r + W, ... (cut to a
-  multiple of W, so every rank runs the same number of steps on distinct pairs). Its position is (epoch, index), so
-  state_dict/load_state_dict resume exactly. No length bucketing: pairs are short and order stays unbiased.
+- PairLoader: an endless iterator; each epoch shuffles pair indices with a torch.Generator seeded from (seed, epoch),
+  cuts them into batches of `batch_size` pairs, and rank r of W takes batches r, r + W, ... (cut to a multiple of W, so
+  every rank runs the same number of steps on distinct pairs). Its position is (epoch, index), kept by position.py as
+  ChatLoader's is, so state_dict/load_state_dict resume exactly. No length bucketing: pairs are short and order stays
+  unbiased.
 """
 
 from __future__ import annotations
@@ -53,7 +54,19 @@ from typing import Any, Literal
 import jinja2
 import torch
 
-from tristage.data.chat import IGNORE, ROLES, _Bad, _str, format_skipped, load_records, render
+from tristage.data.chat import IGNORE, render
+from tristage.data.position import advance, resume_position
+from tristage.data.records import (
+    bad,
+    check_turns,
+    format_skipped,
+    load_all,
+    load_records,
+    nonblank,
+    prompt_messages,
+    split_train_val,
+    text_field,
+)
 from tristage.io import DataError
 from tristage.tokenizer import Tokenizer
 
@@ -75,66 +88,30 @@ _HH_MARKER = re.compile(r"\n\n(Human|Assistant): ")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-def _nonblank(text: Any, where: str) -> str:
-    if not isinstance(text, str):
-        raise _Bad(f"expected a string, got {type(text).__name__}", where)
-    if not text.strip():
-        raise _Bad("empty content", where)
-    return text
-
-
-def _check_prompt(turns: list[tuple[str, str, str, str]], where: str) -> list[dict[str, str]]:
-    """(role, content, role field, content field) turns -> validated prompt messages ending with the user's turn."""
-    for k, (role, content, role_field, content_field) in enumerate(turns):
-        if role not in ROLES:
-            raise _Bad(f"unknown role {role!r} (expected system, user or assistant)", role_field)
-        if role == "system" and k > 0:
-            raise _Bad("a system message may only come first", role_field)
-        _nonblank(content, content_field)
-    rest = [t for t in turns if t[0] != "system"]
-    if not rest:
-        raise _Bad("the prompt has no user turn", where)
-    if rest[0][0] != "user":
-        raise _Bad(f"the first turn is the {rest[0][0]}'s, not the user's", rest[0][2])
-    if turns[-1][0] != "user":
-        raise _Bad(f"the prompt ends with a {turns[-1][0]} turn, not the user's", turns[-1][2])
-    return [{"role": r, "content": c} for r, c, _, _ in turns]
-
-
-def _prompt(value: Any, key: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return _check_prompt([("user", value, key, key)], key)
-    if not isinstance(value, list) or not value:
-        raise _Bad("expected a string or a non-empty list of messages", key)
-    turns = [(_str(m, "role", f"{key}[{i}]"), _str(m, "content", f"{key}[{i}]"), f"{key}[{i}].role",
-              f"{key}[{i}].content") for i, m in enumerate(value)]
-    return _check_prompt(turns, key)  # type: ignore[arg-type]
-
-
 def _reply(value: Any, key: str) -> str:
     """A reply: a string, one assistant message, or a list of exactly one."""
     if isinstance(value, list):
         if len(value) != 1:
-            raise _Bad(f"expected exactly one assistant message, got {len(value)}", key)
+            raise bad(f"expected exactly one assistant message, got {len(value)}", key)
         value, key = value[0], f"{key}[0]"
     if isinstance(value, dict):
-        if (role := _str(value, "role", key)) != "assistant":
-            raise _Bad(f"expected an assistant message, got role {role!r}", f"{key}.role")
+        if (role := text_field(value, "role", key)) != "assistant":
+            raise bad(f"expected an assistant message, got role {role!r}", f"{key}.role")
         value, key = value.get("content"), f"{key}.content"
-    return _nonblank(value, key)
+    return nonblank(value, key)
 
 
 def _hh_turns(text: Any, key: str) -> list[tuple[str, str]]:
     """An HH transcript -> (role, stripped content) turns; it must start with Human and end with Assistant."""
     if not isinstance(text, str):
-        raise _Bad(f"expected an HH transcript string (no 'prompt' or 'messages' given), got {type(text).__name__}",
-                   key)
+        raise bad(f"expected an HH transcript string (no 'prompt' or 'messages' given), got {type(text).__name__}",
+                  key)
     parts = _HH_MARKER.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise _Bad("expected a transcript starting with '\\n\\nHuman: '", key)
+        raise bad("expected a transcript starting with '\\n\\nHuman: '", key)
     turns = [(_HH_ROLES[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
     if turns[-1][0] != "assistant":
-        raise _Bad("the transcript does not end with an assistant turn", key)
+        raise bad("the transcript does not end with an assistant turn", key)
     return turns
 
 
@@ -143,21 +120,21 @@ def _hh(obj: dict) -> dict[str, Any]:
     if chosen[:-1] != rejected[:-1]:
         k = next((k for k, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
                  min(len(chosen), len(rejected)) - 1)
-        raise _Bad(f"the chosen and rejected transcripts differ before their final assistant turn (at turn {k + 1})",
-                   "rejected")
+        raise bad(f"the chosen and rejected transcripts differ before their final assistant turn (at turn {k + 1})",
+                  "rejected")
     where = [f"chosen (turn {k + 1})" for k in range(len(chosen))]
-    prompt = _check_prompt([(r, c, w, w) for (r, c), w in zip(chosen[:-1], where)], "chosen")
-    return {"prompt": prompt, "chosen": _nonblank(chosen[-1][1], "chosen"),
-            "rejected": _nonblank(rejected[-1][1], "rejected")}
+    prompt = check_turns([(r, c, w, w) for (r, c), w in zip(chosen[:-1], where)], "user", "chosen")
+    return {"prompt": prompt, "chosen": nonblank(chosen[-1][1], "chosen"),
+            "rejected": nonblank(rejected[-1][1], "rejected")}
 
 
 def _lfqa(obj: dict) -> dict[str, Any]:
     pref = obj.get("overall_preference")
     if pref not in (-1, 1) or isinstance(pref, bool):
-        raise _Bad(f"expected -1 (answer_a preferred) or 1 (answer_b preferred), got {pref!r}", "overall_preference")
-    a, b = _nonblank(obj.get("answer_a"), "answer_a"), _nonblank(obj.get("answer_b"), "answer_b")
-    rationale = _str(obj, "justification", "", optional=True)
-    return {"prompt": _prompt(obj.get("question"), "question"), "chosen": a if pref == -1 else b,
+        raise bad(f"expected -1 (answer_a preferred) or 1 (answer_b preferred), got {pref!r}", "overall_preference")
+    a, b = nonblank(obj.get("answer_a"), "answer_a"), nonblank(obj.get("answer_b"), "answer_b")
+    rationale = text_field(obj, "justification", "", optional=True)
+    return {"prompt": prompt_messages(obj.get("question"), "question"), "chosen": a if pref == -1 else b,
             "rejected": b if pref == -1 else a, "rationale": rationale if rationale and rationale.strip() else None,
             "meta": {"chosen_answer": "a" if pref == -1 else "b"}}
 
@@ -166,16 +143,16 @@ def _pandalm(obj: dict) -> dict[str, Any]:
     votes = []
     for k in ("annotator1", "annotator2", "annotator3"):
         if obj.get(k) not in (0, 1, 2) or isinstance(obj.get(k), bool):
-            raise _Bad(f"expected 1 (response1 better), 2 (response2 better) or 0 (tie), got {obj.get(k)!r}", k)
+            raise bad(f"expected 1 (response1 better), 2 (response2 better) or 0 (tie), got {obj.get(k)!r}", k)
         votes.append(obj[k])
     winner, n = Counter(votes).most_common(1)[0]
     if winner == 0 or n < 2:
-        raise _Bad(f"no majority preference (votes {votes})")
-    user, inp = _str(obj, "instruction", ""), _str(obj, "input", "", optional=True)
+        raise bad(f"no majority preference (votes {votes})")
+    user, inp = text_field(obj, "instruction", ""), text_field(obj, "input", "", optional=True)
     if inp and inp.strip():
         user = f"{user}\n\n{inp}"
-    r1, r2 = _nonblank(obj.get("response1"), "response1"), _nonblank(obj.get("response2"), "response2")
-    return {"prompt": _check_prompt([("user", user, "instruction", "instruction")], "instruction"),
+    r1, r2 = nonblank(obj.get("response1"), "response1"), nonblank(obj.get("response2"), "response2")
+    return {"prompt": check_turns([("user", user, "instruction", "instruction")], "user", "instruction"),
             "chosen": r1 if winner == 1 else r2, "rejected": r2 if winner == 1 else r1,
             "meta": {"votes": votes, "chosen_response": winner}}
 
@@ -184,14 +161,14 @@ def _ratings(value: Any) -> dict[str, dict[str, float]] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or set(value) != {"chosen", "rejected"}:
-        raise _Bad("expected {'chosen': {attribute: number}, 'rejected': {attribute: number}}", "ratings")
+        raise bad("expected {'chosen': {attribute: number}, 'rejected': {attribute: number}}", "ratings")
     out: dict[str, dict[str, float]] = {}
     for side in ("chosen", "rejected"):
         if not isinstance(value[side], dict):
-            raise _Bad(f"expected an object of attribute: number, got {type(value[side]).__name__}", f"ratings.{side}")
+            raise bad(f"expected an object of attribute: number, got {type(value[side]).__name__}", f"ratings.{side}")
         for attr, x in value[side].items():
             if not isinstance(x, int | float) or isinstance(x, bool):
-                raise _Bad(f"expected a number, got {type(x).__name__}", f"ratings.{side}.{attr}")
+                raise bad(f"expected a number, got {type(x).__name__}", f"ratings.{side}.{attr}")
         out[side] = {attr: float(x) for attr, x in value[side].items()}
     return out
 
@@ -204,34 +181,34 @@ _SHAPES = (("question", _lfqa, {"question", "answer_a", "answer_b", "overall_pre
 
 def parse_preference(obj: Any, system_prompt: str | None = None) -> dict[str, Any]:
     """One record in any supported shape -> Preference fields (prompt, chosen, rejected, ratings, rationale, meta);
-    raises chat._Bad(reason, field)."""
+    raises an unlocated DataError (records.bad)."""
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+        raise bad(f"expected a JSON object, got {type(obj).__name__}")
     shape = next(((parse, used) for key, parse, used in _SHAPES if key in obj), None)
     if shape is not None:
         fields, used = shape[0](obj), shape[1]
     elif "chosen" in obj and "rejected" in obj:
         if "prompt" in obj and "messages" in obj:
-            raise _Bad("both 'prompt' and 'messages' given: expected one")
+            raise bad("both 'prompt' and 'messages' given: expected one")
         key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
         if key is None:
             fields = _hh(obj)
         else:
-            fields = {"prompt": _prompt(obj[key], key), "chosen": _reply(obj["chosen"], "chosen"),
+            fields = {"prompt": prompt_messages(obj[key], key), "chosen": _reply(obj["chosen"], "chosen"),
                       "rejected": _reply(obj["rejected"], "rejected")}
         used = {"prompt", "messages", "chosen", "rejected"}
     else:
-        raise _Bad(f"unrecognised record: expected 'chosen'/'rejected' (with 'prompt' or 'messages', or HH "
-                   f"transcripts), 'question'/'answer_a'/'answer_b' or 'response1'/'response2', got keys {sorted(obj)}")
+        raise bad(f"unrecognised record: expected 'chosen'/'rejected' (with 'prompt' or 'messages', or HH "
+                  f"transcripts), 'question'/'answer_a'/'answer_b' or 'response1'/'response2', got keys {sorted(obj)}")
     if fields["chosen"].strip() == fields["rejected"].strip():
-        raise _Bad("chosen and rejected are identical", "rejected")
+        raise bad("chosen and rejected are identical", "rejected")
     fields["ratings"] = _ratings(obj.get("ratings"))
     if "rationale" in obj:
-        rationale = _str(obj, "rationale", "", optional=True)
+        rationale = text_field(obj, "rationale", "", optional=True)
         fields["rationale"] = rationale if rationale and rationale.strip() else None
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
-        raise _Bad(f"expected an object, got {type(meta).__name__}", "meta")
+        raise bad(f"expected an object, got {type(meta).__name__}", "meta")
     extra = {k: v for k, v in obj.items() if k not in used | {"ratings", "rationale", "meta"}}
     fields["meta"] = {**extra, **fields.get("meta", {}), **meta}
     if system_prompt and fields["prompt"][0]["role"] != "system":
@@ -332,25 +309,17 @@ def load_pair_splits(data: list[str], val_data: list[str], val_fraction: float, 
                      max_len: int, on_error: Literal["raise", "skip"] = "raise", system_prompt: str | None = None):
     """Load, split (unless val_data is given) and encode pairs -> (train PairExamples, val PairExamples, rating
     attribute names, notes to print: skipped records, truncation). What the reward and dpo stages start from."""
-    def load(paths):
-        prefs, errors = [], []
-        for p in paths:
-            c, e = load_preferences(p, on_error=on_error, system_prompt=system_prompt)
-            prefs += c
-            errors += e
-        return prefs, errors
+    def load(path):
+        return load_preferences(path, on_error=on_error, system_prompt=system_prompt)
 
     if not data:
         raise ValueError("no --data given")
-    train, errors = load(data)
+    train, errors = load_all(data, load)
     if val_data:
-        val, verr = load(val_data)
+        val, verr = load_all(val_data, load)
         errors += verr
-    else:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(val_fraction * len(train))) if val_fraction > 0 and len(train) > 1 else 0
-        val = [train[i] for i in order[:n_val]]
-        train = [train[i] for i in sorted(order[n_val:])]
+    else:  # a single pair trains rather than validates
+        train, val = split_train_val(train, val_fraction if len(train) > 1 else 0.0, seed)
     notes = [format_skipped(errors)]
     tr, tr_stats = encode_preferences(tokenizer, train, max_len, on_error=on_error)
     va, va_stats = encode_preferences(tokenizer, val, max_len, on_error=on_error, attributes=tr_stats.attributes)
@@ -519,20 +488,16 @@ class PairLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self.index >= self.steps_per_epoch():
-            self.epoch, self.index = self.epoch + 1, 0
-        self.index += 1
-        return self.collate([self.examples[i] for i in self.plan(self.epoch)[self.index - 1]], self.pad_id)
+        batch, self.epoch, self.index = advance(self.plan, self.epoch, self.index)
+        return self.collate([self.examples[i] for i in batch], self.pad_id)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the plans: a saved position resumes only under the same settings."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "n_pairs": len(self.examples), "rank": self.rank,
+                "world_size": self.world_size, "drop_last": self.drop_last}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
-                "n_pairs": len(self.examples), "rank": self.rank, "world_size": self.world_size,
-                "drop_last": self.drop_last}
+        return {"epoch": self.epoch, "index": self.index, **self.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        diff = [k for k in mine if k not in ("epoch", "index") and state.get(k) != mine[k]]
-        if diff:
-            raise ValueError("loader state does not match this loader: " +
-                             ", ".join(f"{k} {state.get(k)!r} != {mine[k]!r}" for k in diff))
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.index = resume_position(state, self.settings())

@@ -10,9 +10,10 @@ Input: JSONL, one record a line, either
                                                           the summary adds the accuracy (share of pairs with
                                                           score_chosen > score_rejected, a tie counts as wrong)
                                                           and the mean margin (score_chosen - score_rejected).
-`messages` may stand in for `prompt` (what `tristage generate` writes back). A text prompt is one user message;
-a message list must end with the user's turn. A bad record stops the run naming its file, line and field, before
-the model is loaded.
+`messages` may stand in for `prompt` (what `tristage generate` writes back). Prompts are read by the one prompt
+parser, tristage.data.records.prompt_messages: a text prompt is one user message; a message list must end with the
+user's turn (roles system/user/assistant, a system message only first, no blank content). A bad record stops the
+run naming its file, line and field, before the model is loaded.
 
 Choices, and why:
 - Rendering is the reward stage's, so a score here is the score the RM was trained and validated with:
@@ -43,9 +44,8 @@ import torch
 from torch import Tensor
 
 from tristage.config import arg
+from tristage.data.records import prompt_field, prompt_messages
 from tristage.io import DataError, read_jsonl, write_jsonl
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -66,23 +66,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- rendering
-def prompt_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """A prompt as chat messages: text = one user message; a list is checked (roles, text contents, ends with the
-    user's turn). Raises ValueError naming what is wrong."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"expected text or a non-empty list of messages, got {type(prompt).__name__}")
-    out = []
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: expected {{role: system|user|assistant, content: text}}, got {m!r:.80}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "user":
-        raise ValueError(f"the prompt ends with a {out[-1]['role']} turn, not the user's")
-    return out
-
-
 def _encode(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str,
             max_len: int) -> tuple[list[int], bool]:
     from tristage.data.chat import render
@@ -169,13 +152,11 @@ def read_records(path: str, tokenizer: Any, max_len: int) -> tuple[list[dict[str
 
     records, seqs, where, truncated = [], [], [], 0
     for line, obj in read_jsonl(path):
-        key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
-        if key is None:
-            raise DataError(path, line, "a record needs `prompt` (text or messages) or `messages`")
-        try:
-            prompt_messages(obj[key])
-        except ValueError as e:
-            raise DataError(path, line, str(e), key) from None
+        try:  # the one prompt parser (tristage.data.records); its errors are located here
+            key = prompt_field(obj)
+            prompt_messages(obj[key], key)
+        except DataError as e:
+            raise e.at(path, line) from None
         if "response" in obj:
             fields = ["response"]
         elif "chosen" in obj or "rejected" in obj:

@@ -61,6 +61,7 @@ from typing import Any, Literal
 import torch
 
 from tristage.config import arg
+from tristage.data.records import prompt_field, prompt_messages
 from tristage.io import DataError, read_jsonl, write_jsonl
 
 JUDGE_PROMPT = ("Which response is better? Answer A or B.\n\n"
@@ -112,24 +113,19 @@ class PromptRow:
 
 def read_prompt_file(path: str | Path) -> list[PromptRow]:
     """{prompt: text | messages} or {messages} records (a messages list is cut after its last user turn);
-    a bad record raises DataError with file, line and field."""
-    from tristage.serve.score import prompt_messages
-
+    a bad record raises DataError with file, line and field (the prompt is checked by the one prompt parser,
+    tristage.data.records.prompt_messages)."""
     rows = []
     for line, obj in read_jsonl(path):
-        key = "prompt" if "prompt" in obj else "messages" if "messages" in obj else None
-        if key is None:
-            raise DataError(path, line, "a record needs `prompt` (text or messages) or `messages`")
-        value = obj[key]
-        if isinstance(value, list):
-            users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
-            value = value[:users[-1] + 1] if users else value
         try:
-            messages = prompt_messages(value)
-        except ValueError as e:
-            raise DataError(path, line, str(e), key) from None
-        if not messages[-1]["content"].strip():
-            raise DataError(path, line, "empty prompt", key)
+            key = prompt_field(obj)
+            value = obj[key]
+            if isinstance(value, list):
+                users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
+                value = value[:users[-1] + 1] if users else value
+            messages = prompt_messages(value, key)
+        except DataError as e:
+            raise e.at(path, line) from None
         rows.append(PromptRow(value, messages, line))
     return rows
 
