@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -29,3 +32,16 @@ def test_every_command_resolves_and_documents_its_flags(name, target, capsys):
         assert f.metadata.get("help"), f"{name}: flag {f.name} has no help text"
         if not f.metadata.get("positional"):
             assert "--" + f.name.replace("_", "-") in text, f"{name}: --{f.name} missing from --help"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    cli = [sys.executable, "-m", "tristage.cli"]
+    for args in (["--help"], ["sft", "--help"]):
+        shell = subprocess.run(f"{shlex.join(cli + args)} | head -1", shell=True, capture_output=True, text=True,
+                               timeout=60)
+        assert shell.stdout.startswith("usage: tristage") and shell.stderr == ""
+        # the reader gone before the first write (deterministic, unlike `head`'s race): a quiet exit 1 or 0
+        p = subprocess.Popen(cli + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.close()
+        err = p.stderr.read()
+        assert p.wait(timeout=60) in (0, 1) and "Traceback" not in err and "BrokenPipeError" not in err, err

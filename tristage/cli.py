@@ -2,12 +2,14 @@
 
 Each command is a `(Config dataclass, main(cfg))` pair living in its own module; the CLI only turns
 flags (and an optional `--config FILE.yaml`) into the dataclass and calls `main`. Modules are
-imported lazily so `tristage --help` does not pay for importing torch.
+imported lazily so `tristage --help` does not pay for importing torch. A reader that stops early
+(`tristage --help | head -1`) ends the command quietly, as Unix tools do, instead of with a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (target "module:ConfigClass:function", one-line help); a dict value is a command group.
@@ -48,6 +50,19 @@ def _usage(prefix: str, table: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _dispatch(argv)
+        finally:  # (also after --help's SystemExit) a closed pipe shows up here, not in the flush at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away: point stdout at devnull so the interpreter's own flush at exit cannot fail again,
+        # and exit 1 without a traceback (the recipe in Python's `signal` documentation)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str] | None) -> int:
     from tristage.config import parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
