@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tristage.eval.judges import make_judge, round_robin
 from tristage.model.gpt import ModelConfig, build_model
 from tristage.model.hf import save_model
 from tristage.stages import label
@@ -140,7 +141,7 @@ def test_world_judge_records_ratings_and_rationale(setup, tmp_path):
 
 
 def test_rm_judge_uses_score_texts(setup, tmp_path):
-    from tristage.model.reward import from_causal_lm, load_reward_model, save_reward_model
+    from tristage.model.score import from_causal_lm, load_reward_model, save_reward_model
     from tristage.serve.score import score_texts
 
     tok = Tokenizer.load(setup / "policy")
@@ -159,15 +160,15 @@ def test_rm_judge_uses_score_texts(setup, tmp_path):
 
 def test_llm_judge_averages_both_orders(setup, tmp_path):
     judge_cfg = _cfg(setup, tmp_path / "l.jsonl", judge=f"llm:{setup / 'policy'}")
-    judge = label.make_judge(judge_cfg.judge, judge_cfg, torch.device("cpu"), torch.float32)
-    row = label.PromptRow("where?", [{"role": "user", "content": "where?"}], 1)
+    judge = make_judge(judge_cfg.judge, device=torch.device("cpu"), dtype=torch.float32)
+    messages = [{"role": "user", "content": "where?"}]
     cands = ["the dog sat.", "on the mat", "pond"]
-    (scores,) = judge.scores([row], [cands])
-    beats = judge.pairwise[0]
+    ((_, scores),) = label.best_vs_worst(judge, [messages], [cands])
+    (beats,) = round_robin(judge, [messages], [cands])
     # by hand: P_A(i, j) from one forward of the judge prompt, then both orders averaged
     with torch.no_grad():
         def p_a(a, b):
-            ids = judge.prompt_ids(row.messages, a, b)
+            ids = judge.prompt_ids(messages, a, b)
             logits = judge.model(torch.tensor([ids]))[0, -1]
             return logits[judge.ab].softmax(-1)[0].item()
         want = (p_a(cands[0], cands[2]) + 1 - p_a(cands[2], cands[0])) / 2

@@ -6,34 +6,27 @@
     tristage label runs/sft/model --prompts prompts.jsonl --judge llm:path/to/Qwen2.5-0.5B-Instruct --out pairs.jsonl
 
 The algorithm: each prompt is rendered with the policy's chat template (+ generation prompt), repeated
---num-samples (k) times in one engine batch and sampled (the rows draw different random numbers, so they
-differ; one seeded generator makes the run reproducible), then a judge turns the k answers into one pair.
-The output is the preference format tristage/data/preference.py reads (for `tristage reward` / `tristage dpo`):
-{"prompt", "chosen", "rejected", "judge": SPEC, "scores": {"chosen": x, "rejected": y}, ...}, the other keys
-kept there as meta.
+--num-samples (k) times in one engine batch and sampled (tristage.rollout.sample_answers: the rows draw different
+random numbers, so they differ; one seeded generator makes the run reproducible), then a judge turns the k answers
+into one pair. The output is the preference format tristage/data/preference.py reads (for `tristage reward` /
+`tristage dpo`): {"prompt", "chosen", "rejected", "judge": SPEC, "scores": {"chosen": x, "rejected": y}, ...}, the
+other keys kept there as meta.
 
-Judges (--judge):
-  rm:PATH                 a reward model folder: the combined scalar of tristage.serve.score.score_texts (the
-                          reward stage's rendering, with the RM folder's own tokenizer).
-  gold                    the demo world's gold scorer, tristage.world.score(prompt, response).overall (noiseless).
-  python:MODULE:FUNCTION  any importable f(prompt: str, responses: list[str]) -> list[float] (MODULE may also
-                          be a path to a .py file); prompt is the last user message's text.
-  llm:PATH                a chat model folder as judge. For every ordered pair of distinct samples (i as A, j as
-                          B) it reads one plain forward pass over the fixed judge prompt (JUDGE_PROMPT, one user
-                          message + the generation prompt): P(A) = softmax over the logits of the tokens "A"
-                          and "B" at the answer position (the first token of each). Both orders are asked and
-                          averaged, P(i beats j) = (P_A(i, j) + 1 - P_A(j, i)) / 2, which cancels a position bias.
-                          A sample's score is its mean P(beats) against the others (a round robin, k(k-1)
-                          forwards per prompt); "p_chosen" records P(chosen beats rejected).
+Judges (--judge; tristage/eval/judges.py describes each):
+  rm:PATH, gold, python:MODULE:FUNCTION   scalar judges: each answer gets a score.
+  llm:PATH                a pairwise judge (a chat model asked which of two answers is better): a round robin over
+                          the k answers, every ordered pair asked once and both orders averaged, P(i beats j) =
+                          (P_A(i, j) + 1 - P_A(j, i)) / 2, which cancels a position bias; an answer's score is its
+                          mean P(beats) against the others (k(k-1) forwards per prompt); "p_chosen" records
+                          P(chosen beats rejected).
   world                   the demo world's simulated annotator (a noisy Bradley-Terry human stand-in): it labels
                           pairs, not single answers, so as with a real annotator one pair of distinct samples is
-                          drawn per prompt (seeded by --seed and the prompt's index) and `Annotator.compare`
-                          chooses; its ratings and rationale are recorded as in the world's own preference data,
-                          "scores" are the gold scores its draw was based on, "p_chosen" the probability it had
-                          of choosing as it did.
+                          drawn per prompt (seeded by --seed and the prompt's index) and the annotator chooses; its
+                          ratings and rationale are recorded as in the world's own preference data, "scores" are the
+                          gold scores its draw was based on, "p_chosen" the probability it had of choosing as it did.
 
 Choices, and why:
-- Scalar judges (all but world) pair the highest-scored sample against the lowest-scored one: the widest gap,
+- Scored judges (all but world) pair the highest-scored sample against the lowest-scored one: the widest gap,
   the clearest signal. Ties go to the first sample drawn. Samples are deduplicated and blank ones dropped first
   (the preference reader refuses blank or identical replies); a prompt with fewer than two distinct answers
   ("identical"), or whose distinct answers all score the same ("tied"), is skipped and counted.
@@ -48,12 +41,9 @@ Simplified: one judge per run; no judge ensembles; the policy and the judge are 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import math
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,11 +52,21 @@ import torch
 
 from tristage.config import arg
 from tristage.data.records import prompt_field, prompt_messages
+from tristage.eval.judges import (
+    AnnotatorJudge,
+    GoldJudge,
+    Messages,
+    PairwiseJudge,
+    ScalarJudge,
+    make_judge,
+    round_robin,
+)
 from tristage.io import DataError, read_jsonl, write_jsonl
-
-JUDGE_PROMPT = ("Which response is better? Answer A or B.\n\n"
-                "[Request]\n{request}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
-                "Which response is better? Answer A or B.")
+from tristage.rollout import load_chat_model, sample_answers
+from tristage.runtime import progress, resolve_dtype
+from tristage.serve.engine import Engine, SamplingParams
+from tristage.world import score
+from tristage.world.prompts import parse_prompt
 
 
 @dataclass
@@ -130,218 +130,44 @@ def read_prompt_file(path: str | Path) -> list[PromptRow]:
     return rows
 
 
-# ----------------------------------------------------------------------------- judges
-def load_function(spec: str) -> Callable[[str, list[str]], list[float]]:
-    """`module:function` or `path/to/file.py:function` -> the function."""
-    mod, _, name = spec.rpartition(":")
-    if not mod or not name:
-        raise ValueError(f"python judge {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
-    if mod.endswith(".py"):
-        s = importlib.util.spec_from_file_location(Path(mod).stem, mod)
-        if s is None or s.loader is None:
-            raise ValueError(f"python judge: cannot load {mod}")
-        module = importlib.util.module_from_spec(s)
-        s.loader.exec_module(module)
+# ----------------------------------------------------------------------------- picking a pair
+def best_vs_worst(judge: ScalarJudge | PairwiseJudge, prompts: Sequence[Messages],
+                  candidates: Sequence[list[str]]) -> list[tuple[dict[str, Any] | None, list[float]]]:
+    """(record fields or None where all scores tie, every candidate's score) per prompt: its highest-scored
+    candidate chosen, its lowest rejected. A pairwise judge scores a candidate by its mean P(beats) in a round robin."""
+    if not prompts:
+        return []
+    if isinstance(judge, ScalarJudge):
+        scores, beats = judge.scores(prompts, candidates), None
     else:
-        module = importlib.import_module(mod)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"python judge: {mod} has no function {name!r}")
-    return fn
+        beats = round_robin(judge, prompts, candidates)
+        scores = [(b.sum(1) / max(b.shape[0] - 1, 1)).tolist() for b in beats]
+    out: list[tuple[dict[str, Any] | None, list[float]]] = []
+    for n, (cs, s) in enumerate(zip(candidates, scores)):
+        hi = max(range(len(s)), key=s.__getitem__)
+        lo = min(range(len(s)), key=s.__getitem__)
+        if s[hi] == s[lo]:
+            out.append((None, s))
+            continue
+        pick = {"chosen": cs[hi], "rejected": cs[lo], "judge": judge.spec,
+                "scores": {"chosen": s[hi], "rejected": s[lo]}}
+        if beats is not None:
+            pick["p_chosen"] = float(beats[n][hi, lo])
+        out.append((pick, s))
+    return out
 
 
-class ScalarJudge:
-    """Scores each answer on its own: scores(prompts, candidates) -> one list of floats per prompt."""
-
-    spec: str = ""
-    stats: dict[str, int]
-
-    def scores(self, prompts: Sequence[PromptRow], candidates: Sequence[list[str]]) -> list[list[float]]:
-        raise NotImplementedError
-
-    def extra(self, k: int, hi: int, lo: int) -> dict[str, Any]:
-        """More fields for prompt k's record (chosen = candidate hi, rejected = candidate lo)."""
-        return {}
+def annotated_pair(judge: AnnotatorJudge, prompt: Messages, candidates: list[str], key: str) -> dict[str, Any]:
+    """Record fields for one pair of distinct candidates drawn (seeded by `key`) and labelled by the annotator."""
+    a, b = random.Random(key).sample(candidates, 2)
+    j = judge.judgement(prompt, a, b)
+    return {"chosen": j.chosen, "rejected": j.rejected, "judge": judge.spec,
+            "scores": {"chosen": j.gold_chosen, "rejected": j.gold_rejected}, "ratings": j.ratings,
+            "rationale": j.rationale, "p_chosen": j.p_a if j.a_preferred else 1.0 - j.p_a}
 
 
-class GoldJudge(ScalarJudge):
-    def __init__(self, spec: str):
-        self.spec, self.stats = spec, {}
-
-    def scores(self, prompts, candidates):
-        from tristage.world import score
-
-        return [[score(p.text, c).overall for c in cs] for p, cs in zip(prompts, candidates)]
-
-
-class PythonJudge(ScalarJudge):
-    def __init__(self, spec: str, target: str):
-        self.spec, self.stats, self.target = spec, {}, target
-        self.fn = load_function(target)
-
-    def scores(self, prompts, candidates):
-        out = []
-        for p, cs in zip(prompts, candidates):
-            s = self.fn(p.text, list(cs))
-            try:
-                s = [float(x) for x in s]
-            except (TypeError, ValueError):
-                raise ValueError(f"python judge {self.target}: expected a list of numbers, got {s!r:.100}") from None
-            if len(s) != len(cs) or not all(math.isfinite(x) for x in s):
-                raise ValueError(f"python judge {self.target}: expected {len(cs)} finite scores, got {s!r:.100}")
-            out.append(s)
-        return out
-
-
-class RewardJudge(ScalarJudge):
-    def __init__(self, spec: str, folder: str, cfg: Config, device: torch.device, dtype: torch.dtype):
-        from tristage.model.reward import load_reward_model
-        from tristage.tokenizer import Tokenizer
-
-        self.spec, self.stats = spec, {"truncated": 0}
-        self.tok = Tokenizer.load(folder)
-        if not self.tok.chat_template:
-            raise ValueError(f"{folder}: the reward model's tokenizer has no chat_template")
-        self.rm = load_reward_model(folder, device=device, dtype=dtype).eval()
-        self.batch_size, self.max_len = cfg.judge_batch_size, cfg.max_len
-
-    def scores(self, prompts, candidates):
-        from tristage.serve.score import score_texts
-
-        flat_p = [p.messages for p, cs in zip(prompts, candidates) for _ in cs]
-        flat_r = [c for cs in candidates for c in cs]
-        s = self.rm.combine(score_texts(self.rm, self.tok, flat_p, flat_r, self.batch_size, self.max_len,
-                                        stats=self.stats)).tolist()
-        out, i = [], 0
-        for cs in candidates:
-            out.append(s[i:i + len(cs)])
-            i += len(cs)
-        return out
-
-
-def _conversation(messages: list[dict[str, str]]) -> str:
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-class LLMJudge(ScalarJudge):
-    """Round-robin pairwise judge; see the module docstring."""
-
-    def __init__(self, spec: str, folder: str, cfg: Config, device: torch.device, dtype: torch.dtype):
-        from tristage.model.hf import load_model
-        from tristage.tokenizer import Tokenizer
-
-        self.spec, self.stats = spec, {"truncated": 0}
-        self.tok = Tokenizer.load(folder)
-        if not self.tok.chat_template:
-            raise ValueError(f"{folder}: the judge's tokenizer has no chat_template")
-        self.model = load_model(folder, device=device, dtype=dtype).eval()
-        self.batch_size = cfg.judge_batch_size
-        self.max_len = min(cfg.max_len, self.model.config.max_position_embeddings)
-        a, b = self.tok.encode("A"), self.tok.encode("B")
-        if not a or not b or a[0] == b[0]:
-            raise ValueError(f"{folder}: the tokens 'A' and 'B' do not encode to distinct first tokens")
-        self.ab = torch.tensor([a[0], b[0]])
-        self.pairwise: list[torch.Tensor] = []  # per prompt of the last call: P(i beats j) [m, m]
-
-    def prompt_ids(self, messages: list[dict[str, str]], a: str, b: str) -> list[int]:
-        text = JUDGE_PROMPT.format(request=_conversation(messages), a=a, b=b)
-        ids = list(self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
-        if len(ids) > self.max_len:
-            self.stats["truncated"] += 1
-            ids = ids[len(ids) - self.max_len:]
-        return ids
-
-    @torch.no_grad()
-    def p_first(self, seqs: list[list[int]]) -> list[float]:
-        """P("A") against "B" at the position after each sequence."""
-        dev = next(self.model.parameters()).device
-        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
-        out = [0.0] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            T = max(len(seqs[i]) for i in idx)
-            x = torch.full((len(idx), T), pad, dtype=torch.long)
-            for r, i in enumerate(idx):
-                x[r, :len(seqs[i])] = torch.tensor(seqs[i])
-            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=dev)
-            h = self.model.hidden_states(x.to(dev))  # right padding + causal attention: exact for the real tokens
-            logits = self.model.logits(h[torch.arange(len(idx), device=dev), last]).float()
-            p = logits[:, self.ab.to(dev)].softmax(-1)[:, 0].cpu().tolist()
-            for r, i in enumerate(idx):
-                out[i] = p[r]
-        return out
-
-    def scores(self, prompts, candidates):
-        seqs, where = [], []
-        for k, (p, cs) in enumerate(zip(prompts, candidates)):
-            for i in range(len(cs)):
-                for j in range(len(cs)):
-                    if i != j:
-                        seqs.append(self.prompt_ids(p.messages, cs[i], cs[j]))
-                        where.append((k, i, j))
-        p_a = self.p_first(seqs)
-        first = [torch.full((len(cs), len(cs)), math.nan) for cs in candidates]
-        for (k, i, j), p in zip(where, p_a):
-            first[k][i, j] = p
-        self.pairwise, out = [], []
-        for f in first:
-            beats = (f + (1 - f.T)) / 2  # P(i beats j), both orders averaged
-            beats.fill_diagonal_(0.0)
-            self.pairwise.append(beats)
-            m = f.shape[0]
-            out.append((beats.sum(1) / max(m - 1, 1)).tolist())
-        return out
-
-    def extra(self, k, hi, lo):
-        return {"p_chosen": float(self.pairwise[k][hi, lo])}
-
-
-def make_judge(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype) -> ScalarJudge | None:
-    """The judge for --judge SPEC; None for `world` (the annotator, handled pairwise)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "world" and not rest:
-        return None
-    if kind == "gold" and not rest:
-        return GoldJudge(spec)
-    if kind == "python" and rest:
-        return PythonJudge(spec, rest)
-    if kind == "rm" and rest:
-        return RewardJudge(spec, rest, cfg, device, dtype)
-    if kind == "llm" and rest:
-        return LLMJudge(spec, rest, cfg, device, dtype)
-    raise ValueError(f"--judge {spec!r}: expected rm:PATH, gold, world, python:MODULE:FUNCTION or llm:PATH")
-
-
-# ----------------------------------------------------------------------------- sampling
-def sample_answers(engine: Any, tokenizer: Any, messages: Sequence[list[dict[str, str]]], k: int, params: Any,
-                   generator: torch.Generator | None = None) -> list[list[str]]:
-    """k sampled answers (decoded, stop token removed, stripped) per prompt, all in one engine batch."""
-    from tristage.serve.generate import response_text
-
-    ids = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
-    outs = engine.generate([x for x in ids for _ in range(k)], params, generator=generator)
-    texts = [response_text(tokenizer, o.tokens, o.finish_reason).strip() for o in outs]
-    return [texts[i * k:(i + 1) * k] for i in range(len(messages))]
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
+# ----------------------------------------------------------------------------- the command
 def main(cfg: Config) -> dict[str, Any]:
-    from tristage.model.hf import load_model
-    from tristage.serve.engine import Engine, SamplingParams
-    from tristage.serve.generate import stop_ids
-    from tristage.tokenizer import Tokenizer
-    from tristage.train.common import progress, resolve_dtype
-
     if cfg.num_samples < 2:
         raise SystemExit("--num-samples must be >= 2 (a pair needs two answers)")
     if cfg.batch_size < 1 or cfg.judge_batch_size < 1 or cfg.max_new_tokens < 1:
@@ -351,30 +177,15 @@ def main(cfg: Config) -> dict[str, Any]:
         raise SystemExit(f"{cfg.prompts}: no prompts")
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    folder = Path(cfg.model)
-    tok = Tokenizer.load(folder)
-    if not tok.chat_template:
-        raise SystemExit(f"{folder}: the tokenizer has no chat_template (label samples a chat model)")
     try:
-        judge = make_judge(cfg.judge, cfg, device, dtype)
+        policy = load_chat_model(cfg.model, device, dtype)
+        judge = make_judge(cfg.judge, device=device, dtype=dtype, batch_size=cfg.judge_batch_size,
+                           max_len=cfg.max_len, annotator_temperature=cfg.annotator_temperature, seed=cfg.seed)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    annotator = None
-    if judge is None:
-        from tristage.world import Annotator
-
-        annotator = Annotator(cfg.annotator_temperature, cfg.seed)
-    gold_on = cfg.gold_report == "on"
-    if cfg.gold_report == "auto":
-        from tristage.world.prompts import parse_prompt
-
-        world_like = sum(parse_prompt(r.text).kind != "free" for r in rows)
-        gold_on = judge is None or isinstance(judge, GoldJudge) or world_like * 2 >= len(rows)
-
-    model = load_model(folder, device=device, dtype=dtype).eval()
-    engine = Engine(model)
+    engine = Engine(policy.model)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, stop_ids=stop_ids(tok, folder))
+                            top_p=cfg.top_p, stop_ids=policy.stop_ids)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     k = cfg.num_samples
 
@@ -386,70 +197,80 @@ def main(cfg: Config) -> dict[str, Any]:
         task = bar.add_task("label", total=len(rows), info="")
         for start in range(0, len(rows), cfg.batch_size):
             chunk = rows[start:start + cfg.batch_size]
-            samples = sample_answers(engine, tok, [r.messages for r in chunk], k, params, generator)
+            rollouts = sample_answers(engine, policy.tokenizer, [r.messages for r in chunk], k, params, generator)
+            samples = [[r.text.strip() for r in rs] for rs in rollouts]
             cands = [list(dict.fromkeys(s for s in ss if s)) for ss in samples]  # distinct, non-blank
             distinct_counts += [len(set(ss)) for ss in samples]
             live = [i for i, c in enumerate(cands) if len(c) >= 2]
             skipped["identical"] += len(chunk) - len(live)
-            if annotator is not None:
-                for i in live:
-                    r = chunk[i]
-                    a, b = random.Random(f"{cfg.seed}/{start + i}").sample(cands[i], 2)
-                    j = annotator.compare(r.text, a, b)
-                    rec = {"prompt": r.prompt, "chosen": j.chosen, "rejected": j.rejected, "judge": cfg.judge,
-                           "scores": {"chosen": j.gold_chosen, "rejected": j.gold_rejected},
-                           "ratings": j.ratings, "rationale": j.rationale,
-                           "p_chosen": j.p_a if j.a_preferred else 1.0 - j.p_a}
-                    if cfg.save_samples:
-                        rec["samples"] = samples[i]
-                    records.append(rec)
-                    texts.append(r.text)
-            elif live:
-                scores = judge.scores([chunk[i] for i in live], [cands[i] for i in live])
-                for n, (i, s) in enumerate(zip(live, scores)):
-                    hi = max(range(len(s)), key=s.__getitem__)
-                    lo = min(range(len(s)), key=s.__getitem__)
-                    if s[hi] == s[lo]:
-                        skipped["tied"] += 1
-                        continue
-                    rec = {"prompt": chunk[i].prompt, "chosen": cands[i][hi], "rejected": cands[i][lo],
-                           "judge": cfg.judge, "scores": {"chosen": s[hi], "rejected": s[lo]},
-                           **judge.extra(n, hi, lo)}
-                    if cfg.save_samples:
-                        rec["samples"] = samples[i]
-                        rec["sample_scores"] = {c: x for c, x in zip(cands[i], s)}
-                    records.append(rec)
-                    texts.append(chunk[i].text)
+            if isinstance(judge, AnnotatorJudge):
+                picks = [(annotated_pair(judge, chunk[i].messages, cands[i], f"{cfg.seed}/{start + i}"), None)
+                         for i in live]
+            else:
+                picks = best_vs_worst(judge, [chunk[i].messages for i in live], [cands[i] for i in live])
+            for i, (pick, scores) in zip(live, picks):
+                if pick is None:
+                    skipped["tied"] += 1
+                    continue
+                rec = {"prompt": chunk[i].prompt, **pick}
+                if cfg.save_samples:
+                    rec["samples"] = samples[i]
+                    if scores is not None:
+                        rec["sample_scores"] = dict(zip(cands[i], scores))
+                records.append(rec)
+                texts.append(chunk[i].text)
             bar.update(task, advance=len(chunk), info=f"{len(records)} pairs")
 
+    summary = summarize(cfg, judge, rows, records, texts, skipped, distinct_counts)
+    write_jsonl(cfg.out, records)
+    summary["out"] = cfg.out
+    print_summary(summary, k)
+    return summary
+
+
+# ----------------------------------------------------------------------------- the summary
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def summarize(cfg: Config, judge: ScalarJudge | PairwiseJudge, rows: list[PromptRow], records: list[dict[str, Any]],
+              texts: list[str], skipped: dict[str, int], distinct_counts: list[int]) -> dict[str, Any]:
+    """Counts and the judge's mean scores of chosen vs rejected; with the gold report, the gold scorer's too."""
     summary: dict[str, Any] = {
-        "prompts": len(rows), "samples": len(rows) * k, "pairs": len(records), "skipped": skipped,
+        "prompts": len(rows), "samples": len(rows) * cfg.num_samples, "pairs": len(records), "skipped": skipped,
         "judge": cfg.judge, "mean_distinct_samples": sum(distinct_counts) / len(distinct_counts),
         "judge_chosen": _mean([r["scores"]["chosen"] for r in records]),
         "judge_rejected": _mean([r["scores"]["rejected"] for r in records]),
     }
-    if judge is not None and "truncated" in judge.stats:
+    if "truncated" in judge.stats:
         summary["judge_truncated"] = judge.stats["truncated"]
+    gold_on = cfg.gold_report == "on"
+    if cfg.gold_report == "auto":
+        world_like = sum(parse_prompt(r.text).kind != "free" for r in rows)
+        gold_on = isinstance(judge, (AnnotatorJudge, GoldJudge)) or world_like * 2 >= len(rows)
     if gold_on:
-        from tristage.world import score
-
         gc = [score(t, r["chosen"]).overall for t, r in zip(texts, records)]
         gr = [score(t, r["rejected"]).overall for t, r in zip(texts, records)]
         gaps = [c - r for c, r in zip(gc, gr) if c != r]
         summary.update(gold_chosen=_mean(gc), gold_rejected=_mean(gr),
                        gold_agreement=_mean([float(g > 0) for g in gaps]), gold_ties=len(records) - len(gaps))
-    write_jsonl(cfg.out, records)
-    summary["out"] = cfg.out
-
-    print(f"label: {len(records)} pairs written to {cfg.out} from {len(rows)} prompts x {k} samples "
-          f"(judge {cfg.judge}); skipped {skipped['identical']} with fewer than 2 distinct answers, "
-          f"{skipped['tied']} with all answers scored equal; {summary['mean_distinct_samples']:.2f} distinct "
-          f"answers per prompt on average")
-    print(f"label: judge score chosen {_fmt(summary['judge_chosen'])} vs rejected {_fmt(summary['judge_rejected'])}"
-          + (f"; {summary['judge_truncated']} judge inputs truncated" if summary.get("judge_truncated") else ""))
-    if gold_on:
-        print(f"label: gold score chosen {_fmt(summary['gold_chosen'])} vs rejected "
-              f"{_fmt(summary['gold_rejected'])}; judge agrees with gold on {_fmt(summary['gold_agreement'])} of "
-              f"{len(records) - summary['gold_ties']} pairs with a gold gap ({summary['gold_ties']} gold ties)")
-    sys.stdout.flush()
     return summary
+
+
+def print_summary(summary: dict[str, Any], k: int) -> None:
+    s, skipped = summary, summary["skipped"]
+    print(f"label: {s['pairs']} pairs written to {s['out']} from {s['prompts']} prompts x {k} samples "
+          f"(judge {s['judge']}); skipped {skipped['identical']} with fewer than 2 distinct answers, "
+          f"{skipped['tied']} with all answers scored equal; {s['mean_distinct_samples']:.2f} distinct "
+          f"answers per prompt on average")
+    print(f"label: judge score chosen {_fmt(s['judge_chosen'])} vs rejected {_fmt(s['judge_rejected'])}"
+          + (f"; {s['judge_truncated']} judge inputs truncated" if s.get("judge_truncated") else ""))
+    if "gold_chosen" in s:
+        print(f"label: gold score chosen {_fmt(s['gold_chosen'])} vs rejected {_fmt(s['gold_rejected'])}; judge "
+              f"agrees with gold on {_fmt(s['gold_agreement'])} of {s['pairs'] - s['gold_ties']} pairs with a gold "
+              f"gap ({s['gold_ties']} gold ties)")
+    sys.stdout.flush()

@@ -1,0 +1,263 @@
+"""Judges behind two small interfaces: a scalar judge scores answers one by one, a pairwise judge compares two.
+
+    judge = make_judge("rm:runs/rm/model")              # or gold | world | python:MODULE:FUNCTION | llm:PATH
+    judge.scores(prompts, candidates)                   # ScalarJudge: one list of floats per prompt
+    judge.compare(prompts, answers_a, answers_b)        # PairwiseJudge: P(A is better than B) per pair
+    round_robin(judge, prompts, candidates)             # a pairwise judge over k answers: P(i beats j) [k, k]
+
+Judges (`make_judge(spec)`; `tristage label` uses them, the arena will):
+  rm:PATH                 scalar: a reward model folder's combined score (tristage.rollout.reward_scores: the
+                          reward stage's rendering, with the RM folder's own tokenizer).
+  gold                    scalar: the demo world's gold scorer, tristage.world.score(prompt, response).overall.
+  python:MODULE:FUNCTION  scalar: any importable f(prompt: str, responses: list[str]) -> list[float] (MODULE may
+                          also be a path to a .py file).
+  llm:PATH                pairwise: a chat model folder. One plain forward pass over the fixed judge prompt
+                          (JUDGE_PROMPT, one user message + the generation prompt): P(A) = softmax over the logits of
+                          the tokens "A" and "B" at the answer position (the first token of each).
+  world                   pairwise: the demo world's simulated annotator (a noisy Bradley-Terry human stand-in):
+                          P(A) is its probability of preferring A; `judgement` draws its choice, with ratings and
+                          rationale, as in the world's own preference data.
+
+Choices, and why:
+- Prompts are chat messages ending with the user's turn; judges that read text only (gold, python, world) see the
+  last user message.
+- Interfaces are typing.Protocols: a judge is any object with the method, nothing to inherit. Each judge has
+  `spec` (what made it) and `stats` (counters, e.g. "truncated" inputs of the model judges).
+- `compare` answers for one presentation order: a model judge has a position bias, so `round_robin` asks every
+  ordered pair (i as A, j as B) once and averages both orders, P(i beats j) = (P_A(i, j) + 1 - P_A(j, i)) / 2,
+  which cancels it (k(k-1) questions per prompt, in one call so a model judge batches them).
+- Model judges read inputs of at most max_len tokens (capped at the model's max positions); longer ones lose
+  tokens from the left and are counted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from tristage.model.hf import load_model
+from tristage.model.score import load_reward_model
+from tristage.rollout import reward_scores
+from tristage.tokenizer import Tokenizer
+from tristage.world import Annotator, Judgement, preference_probability, score
+
+Messages = list[dict[str, str]]
+
+JUDGE_PROMPT = ("Which response is better? Answer A or B.\n\n"
+                "[Request]\n{request}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
+                "Which response is better? Answer A or B.")
+
+
+@runtime_checkable
+class ScalarJudge(Protocol):
+    """Scores each answer on its own."""
+
+    spec: str
+    stats: dict[str, int]
+
+    def scores(self, prompts: Sequence[Messages], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        """One score per candidate, for each prompt."""
+        ...
+
+
+@runtime_checkable
+class PairwiseJudge(Protocol):
+    """Compares two answers to a prompt."""
+
+    spec: str
+    stats: dict[str, int]
+
+    def compare(self, prompts: Sequence[Messages], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """P(a[i] is better than b[i]) as an answer to prompts[i], with a shown first."""
+        ...
+
+
+# ----------------------------------------------------------------------------- scalar judges
+class GoldJudge:
+    """The demo world's gold scorer (noiseless)."""
+
+    def __init__(self, spec: str = "gold"):
+        self.spec, self.stats = spec, {}
+
+    def scores(self, prompts: Sequence[Messages], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        return [[score(p[-1]["content"], c).overall for c in cs] for p, cs in zip(prompts, candidates)]
+
+
+def load_function(spec: str) -> Callable[[str, list[str]], list[float]]:
+    """`module:function` or `path/to/file.py:function` -> the function."""
+    mod, _, name = spec.rpartition(":")
+    if not mod or not name:
+        raise ValueError(f"python judge {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    if mod.endswith(".py"):
+        s = importlib.util.spec_from_file_location(Path(mod).stem, mod)
+        if s is None or s.loader is None:
+            raise ValueError(f"python judge: cannot load {mod}")
+        module = importlib.util.module_from_spec(s)
+        s.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"python judge: {mod} has no function {name!r}")
+    return fn
+
+
+class PythonJudge:
+    """Any f(prompt text, responses) -> one finite number per response."""
+
+    def __init__(self, spec: str, target: str):
+        self.spec, self.stats, self.target = spec, {}, target
+        self.fn = load_function(target)
+
+    def scores(self, prompts: Sequence[Messages], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        out = []
+        for p, cs in zip(prompts, candidates):
+            s = self.fn(p[-1]["content"], list(cs))
+            try:
+                s = [float(x) for x in s]
+            except (TypeError, ValueError):
+                raise ValueError(f"python judge {self.target}: expected a list of numbers, got {s!r:.100}") from None
+            if len(s) != len(cs) or not all(math.isfinite(x) for x in s):
+                raise ValueError(f"python judge {self.target}: expected {len(cs)} finite scores, got {s!r:.100}")
+            out.append(s)
+        return out
+
+
+class RewardJudge:
+    """A reward model folder's combined score."""
+
+    def __init__(self, spec: str, folder: str | Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, max_len: int = 1024):
+        self.spec, self.stats = spec, {"truncated": 0}
+        self.tok = Tokenizer.load(folder)
+        if not self.tok.chat_template:
+            raise ValueError(f"{folder}: the reward model's tokenizer has no chat_template")
+        self.rm = load_reward_model(folder, device=device, dtype=dtype).eval()
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def scores(self, prompts: Sequence[Messages], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
+        flat_r = [c for cs in candidates for c in cs]
+        s = reward_scores(self.rm, self.tok, flat_p, flat_r, self.batch_size, self.max_len, stats=self.stats).tolist()
+        out, i = [], 0
+        for cs in candidates:
+            out.append(s[i:i + len(cs)])
+            i += len(cs)
+        return out
+
+
+# ----------------------------------------------------------------------------- pairwise judges
+def _conversation(messages: Messages) -> str:
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+class LLMJudge:
+    """A chat model asked JUDGE_PROMPT; see the module docstring."""
+
+    def __init__(self, spec: str, folder: str | Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, max_len: int = 1024):
+        self.spec, self.stats = spec, {"truncated": 0}
+        self.tok = Tokenizer.load(folder)
+        if not self.tok.chat_template:
+            raise ValueError(f"{folder}: the judge's tokenizer has no chat_template")
+        self.model = load_model(folder, device=device, dtype=dtype).eval()
+        self.batch_size = batch_size
+        self.max_len = min(max_len, self.model.config.max_position_embeddings)
+        a, b = self.tok.encode("A"), self.tok.encode("B")
+        if not a or not b or a[0] == b[0]:
+            raise ValueError(f"{folder}: the tokens 'A' and 'B' do not encode to distinct first tokens")
+        self.ab = torch.tensor([a[0], b[0]])
+
+    def prompt_ids(self, messages: Messages, a: str, b: str) -> list[int]:
+        text = JUDGE_PROMPT.format(request=_conversation(messages), a=a, b=b)
+        ids = list(self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        if len(ids) > self.max_len:
+            self.stats["truncated"] += 1
+            ids = ids[len(ids) - self.max_len:]
+        return ids
+
+    @torch.no_grad()
+    def p_first(self, seqs: list[list[int]]) -> list[float]:
+        """P("A") against "B" at the position after each sequence (length-sorted, right-padded batches)."""
+        dev = next(self.model.parameters()).device
+        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+        out = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            T = max(len(seqs[i]) for i in idx)
+            x = torch.full((len(idx), T), pad, dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=dev)
+            h = self.model.hidden_states(x.to(dev))  # right padding + causal attention: exact for the real tokens
+            logits = self.model.logits(h[torch.arange(len(idx), device=dev), last]).float()
+            p = logits[:, self.ab.to(dev)].softmax(-1)[:, 0].cpu().tolist()
+            for r, i in enumerate(idx):
+                out[i] = p[r]
+        return out
+
+    def compare(self, prompts: Sequence[Messages], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        return self.p_first([self.prompt_ids(p, x, y) for p, x, y in zip(prompts, a, b)])
+
+
+class AnnotatorJudge:
+    """The demo world's simulated annotator: P(A) from its Bradley-Terry model on gold scores; `judgement` draws."""
+
+    def __init__(self, spec: str = "world", temperature: float = 0.1, seed: int = 0):
+        self.spec, self.stats = spec, {}
+        self.annotator = Annotator(temperature, seed)
+
+    def compare(self, prompts: Sequence[Messages], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        t = self.annotator.temperature
+        return [preference_probability(score(p[-1]["content"], x).overall, score(p[-1]["content"], y).overall, t)
+                for p, x, y in zip(prompts, a, b)]
+
+    def judgement(self, prompt: Messages, a: str, b: str) -> Judgement:
+        """The annotator's (noisy, seeded by its seed, the prompt and both answers) label, ratings and rationale."""
+        return self.annotator.compare(prompt[-1]["content"], a, b)
+
+
+def round_robin(judge: PairwiseJudge, prompts: Sequence[Messages],
+                candidates: Sequence[Sequence[str]]) -> list[Tensor]:
+    """P(i beats j) [m, m] for each prompt's m candidates, both orders averaged (see above); diagonal 0."""
+    where = [(k, i, j) for k, cs in enumerate(candidates) for i in range(len(cs)) for j in range(len(cs)) if i != j]
+    p_a = judge.compare([prompts[k] for k, _, _ in where], [candidates[k][i] for k, i, _ in where],
+                        [candidates[k][j] for k, _, j in where])
+    first = [torch.full((len(cs), len(cs)), math.nan) for cs in candidates]
+    for (k, i, j), p in zip(where, p_a):
+        first[k][i, j] = p
+    out = []
+    for f in first:
+        beats = (f + (1 - f.T)) / 2
+        beats.fill_diagonal_(0.0)
+        out.append(beats)
+    return out
+
+
+def make_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               batch_size: int = 16, max_len: int = 1024, annotator_temperature: float = 0.1,
+               seed: int = 0) -> ScalarJudge | PairwiseJudge:
+    """The judge for SPEC (rm:PATH | gold | world | python:MODULE:FUNCTION | llm:PATH). batch_size and max_len: the
+    model judges' forward passes; annotator_temperature and seed: the world annotator's noise."""
+    kind, _, rest = spec.partition(":")
+    if kind == "world" and not rest:
+        return AnnotatorJudge(spec, annotator_temperature, seed)
+    if kind == "gold" and not rest:
+        return GoldJudge(spec)
+    if kind == "python" and rest:
+        return PythonJudge(spec, rest)
+    if kind == "rm" and rest:
+        return RewardJudge(spec, rest, device, dtype, batch_size, max_len)
+    if kind == "llm" and rest:
+        return LLMJudge(spec, rest, device, dtype, batch_size, max_len)
+    raise ValueError(f"--judge {spec!r}: expected rm:PATH, gold, world, python:MODULE:FUNCTION or llm:PATH")
