@@ -5,9 +5,11 @@
 
 Each input line has `prompt` (text, continued as is, or as a user turn with --chat) or `messages` (a chat,
 rendered with the tokenizer's chat template and a generation prompt); output lines keep every input field and add
-`response`, `finish_reason` ("stop" or "length") and `num_tokens`. Generation stops at the tokenizer's stop ids
-(eos and the end-of-turn token) and at the eos ids in generation_config.json. A bad line stops the run with its
-file and line number. Prompts are batched by length (less padding) and written back in input order.
+`response`, `finish_reason` ("stop" or "length") and `num_tokens`. A `messages` chat is checked by the one prompt
+parser (tristage.data.records.prompt_messages: roles system/user/assistant, a system message only first, no blank
+content, ending with the user's turn). Generation stops at the tokenizer's stop ids (eos and the end-of-turn
+token) and at the eos ids in generation_config.json. A bad line stops the run with its file and line number.
+Prompts are batched by length (less padding) and written back in input order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from tristage.config import arg
+from tristage.data.records import prompt_messages
 from tristage.io import DataError, read_jsonl, write_jsonl
 
 
@@ -74,11 +77,11 @@ def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     for line, obj in read_jsonl(path):
         if "messages" in obj:
-            msgs = obj["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in msgs):
-                raise DataError(path, line, "expected a list of {role, content} objects", "messages")
-        elif "prompt" in obj:
+            try:  # the one prompt parser: a chat prompt ends with the user's turn
+                prompt_messages(obj["messages"], "messages")
+            except DataError as e:
+                raise e.at(path, line) from None
+        elif "prompt" in obj:  # text continued as is (an empty one starts a new document)
             if not isinstance(obj["prompt"], str):
                 raise DataError(path, line, f"expected text, got {type(obj['prompt']).__name__}", "prompt")
         else:
