@@ -138,7 +138,7 @@ def setup(work: Path) -> dict:
     """Tokenizer, model folders and pairs; returns facts for the report."""
     from tristage.model.gpt import ModelConfig, build_model
     from tristage.model.hf import save_model
-    from tristage.model.reward import from_causal_lm, save_reward_model
+    from tristage.model.score import from_causal_lm, save_reward_model
     from tristage.tokenizer import train_char
 
     tok = train_char([str(SHAKESPEARE)])
@@ -238,7 +238,7 @@ def parity(work: Path) -> tuple[list[dict], dict]:
 
     from tristage.data.preference import collate_pairs, collate_pairs_shared
     from tristage.model.hf import load_model
-    from tristage.model.reward import load_reward_model
+    from tristage.model.score import load_reward_model
     from tristage.stages import dpo as sdpo
     from tristage.stages import reward as sreward
     from tristage.train.losses import bradley_terry_loss, dpo_loss
@@ -385,7 +385,7 @@ def parity(work: Path) -> tuple[list[dict], dict]:
         s = sreward.pair_scores(ours_rm, ob, "cpu")[:, 0]
         s_packed = sreward.pair_scores(ours_rm, packed, "cpu")[:, 0]
     add("reward pipeline", "rewards of chosen and rejected (LlamaForSequenceClassification vs tristage "
-        "RewardModel, same weights)", f"batch of {BATCH} pairs", s, rew)
+        "ScoreModel, same weights)", f"batch of {BATCH} pairs", s, rew)
     add("reward pipeline", "rewards of chosen and rejected, tristage's default packed layout vs TRL",
         f"batch of {BATCH} pairs", s_packed, rew)
     margin = torch.rand(BATCH, generator=torch.Generator().manual_seed(2))

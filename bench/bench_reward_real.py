@@ -178,7 +178,7 @@ def score_pairs(rm_dir: Path, prefs, batch_size: int = 32) -> dict:
     import torch
 
     from tristage.data.preference import collate_pairs, encode_preferences
-    from tristage.model.reward import load_reward_model
+    from tristage.model.score import load_reward_model, per_row
     from tristage.tokenizer import Tokenizer
     from tristage.train.common import autocast, resolve_dtype
 
@@ -200,7 +200,7 @@ def score_pairs(rm_dir: Path, prefs, batch_size: int = 32) -> dict:
             idx = order[s:s + batch_size]
             batch = collate_pairs([examples[i] for i in idx], tok.pad_id)
             with autocast(device, dtype):
-                sc = model(batch["input_ids"], batch["last_index"])[:, 0].float().numpy()
+                sc = model(batch["input_ids"], at=per_row(batch["last_index"]))[:, 0].float().numpy()
             rc[idx], rr[idx] = sc[:len(idx)], sc[len(idx):]
     longer = np.array([np.sign(c - r) for c, r in map(reply_len, kept)])
     said = np.sign(rc - rr)

@@ -29,7 +29,7 @@ def test_reward_model_learns_and_transformers_agrees(setup, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from tristage.data.preference import encode_reply
-    from tristage.model.reward import load_reward_model
+    from tristage.model.score import load_reward_model, per_row
 
     m = reward.main(_cfg(setup, tmp_path / "rm"))
     assert m["val_accuracy"] >= 0.9, m
@@ -42,7 +42,7 @@ def test_reward_model_learns_and_transformers_agrees(setup, tmp_path):
     x = torch.tensor([r + [tok.pad_id] * (T - len(r)) for r in ids])
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
     with torch.no_grad():
-        ours = rm(x, torch.tensor([len(r) - 1 for r in ids]))
+        ours = rm(x, at=per_row(torch.tensor([len(r) - 1 for r in ids])))
         theirs = hf(input_ids=x, attention_mask=(x != tok.pad_id).long()).logits
     assert (ours - theirs).abs().max().item() < 1e-5
     assert ours[0, 0] > ours[1, 0]  # the true sound scores higher
@@ -82,7 +82,7 @@ def test_bad_pair_names_file_and_line(setup, tmp_path):
 def test_shared_prompt_layouts_score_as_a_row_per_answer(setup, layout):
     from tristage.data.preference import Preference, collate_pairs, encode_preferences, pair_collator
     from tristage.model.hf import load_model
-    from tristage.model.reward import from_causal_lm
+    from tristage.model.score import from_causal_lm
 
     tok = Tokenizer.load(setup / "base")
     rm = from_causal_lm(load_model(setup / "base"), 3, seed=1).eval()

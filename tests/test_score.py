@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 
 from tristage.model.gpt import build_model
-from tristage.model.reward import from_causal_lm, save_reward_model
+from tristage.model.score import from_causal_lm, per_row, save_reward_model
 from tristage.serve import score
 from tristage.tokenizer import Tokenizer
 
@@ -26,7 +26,7 @@ def rm_folder(tiny_shards, tmp_path_factory):
 
 
 def _load(folder):
-    from tristage.model.reward import load_reward_model
+    from tristage.model.score import load_reward_model
 
     return load_reward_model(folder, dtype=torch.float32).eval(), Tokenizer.load(folder)
 
@@ -40,7 +40,7 @@ def _hand_ids(tok, messages, response):
 @torch.no_grad()
 def _hand_scores(rm, tok, messages, response):
     ids = _hand_ids(tok, messages, response)
-    return rm(torch.tensor([ids]), torch.tensor([len(ids) - 1]))[0]
+    return rm(torch.tensor([ids]), at=per_row(torch.tensor([len(ids) - 1])))[0]
 
 
 def _write(path, rows):
@@ -88,7 +88,7 @@ def test_truncation_keeps_the_end(rm_folder, tmp_path, capsys):
     assert summary["truncated"] == 1
     assert "1 sequences truncated to 40 tokens" in capsys.readouterr().out
     with torch.no_grad():
-        want = rm.combine(rm(torch.tensor([full[-40:]]), torch.tensor([39])))[0].item()
+        want = rm.combine(rm(torch.tensor([full[-40:]]), at=per_row(torch.tensor([39]))))[0].item()
     assert json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])["score"] == pytest.approx(want, abs=1e-5)
 
 

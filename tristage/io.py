@@ -1,7 +1,8 @@
 """Small file helpers shared by every stage: atomic writes and JSONL with located errors.
 
 Atomic means write to a temporary file in the same folder, fsync, then rename over the target:
-a crash leaves either the old file or the new one, never half of one.
+a crash leaves either the old file or the new one, never half of one. `atomic_folder` does the same for a
+whole folder (a model checkpoint, a LoRA adapter).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,39 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]] | Iterator[d
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return len(lines)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path` to write into; when the block ends without error, its files
+    are fsynced and it replaces `path` (the old folder is moved aside first, then deleted). On any error,
+    KeyboardInterrupt included, the temporary folder is deleted and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -118,7 +118,7 @@ def reward_gold_agreement(rm_dir: str | Path, pairs_file: str | Path, batch_size
     of the reward model's combined score, `reward_bt` that of its Bradley-Terry output alone.
     """
     from tristage.data.preference import collate_pairs, encode_preferences, load_preferences
-    from tristage.model.reward import load_reward_model
+    from tristage.model.score import load_reward_model, per_row
     from tristage.tokenizer import Tokenizer
     from tristage.world import score
 
@@ -131,7 +131,7 @@ def reward_gold_agreement(rm_dir: str | Path, pairs_file: str | Path, batch_size
     combined, bt = [], []
     for i in range(0, len(examples), batch_size):
         batch = collate_pairs(examples[i:i + batch_size], tok.pad_id)
-        s = rm(batch["input_ids"], batch["last_index"])
+        s = rm(batch["input_ids"], at=per_row(batch["last_index"]))
         B = batch["num_pairs"]
         c = rm.combine(s)
         combined += (c[:B] - c[B:]).tolist()

@@ -1,6 +1,7 @@
 """The tristage transformer: a Llama-family decoder in one file, read top to bottom.
 
-config -> RMSNorm -> rotary embeddings -> attention -> MLP -> block -> model.
+config -> RMSNorm -> rotary embeddings -> attention (and its CPU precision rule) -> MLP -> block -> backbone
+-> causal LM.
 
 Choices, and why:
 - Module and parameter names are those of Hugging Face's Llama (`model.layers.N.self_attn.q_proj`,
@@ -11,9 +12,14 @@ Choices, and why:
   Llama-3 RoPE frequency scaling through `rope_scaling`, `sliding_window` (Mistral).
 - Tied embeddings have no `lm_head` module at all: the logits use `embed_tokens.weight` directly, so
   tying cannot come undone when the model is moved or materialised from the meta device.
+- The backbone (embeddings, blocks, final norm, RoPE tables) is its own module and the heads hold it:
+  `GPT` = backbone + language-model head, `ScoreModel` (score.py) = backbone + score head. A head is
+  composition, never a subclass that deletes what it does not need, so the same backbone can be moved
+  from one head to the other.
 - Attention is `F.scaled_dot_product_attention`. The mask is a boolean `[B, 1, Tq, Tk]` (True = may
   attend) built by `make_attention_mask` from document ids, so several documents can share one packed
   row without attending across each other; positions are given separately and may restart per document.
+  The precision it runs in is one named rule, `cpu_fp32_attention` (short CPU attention in fp32 under bf16).
 - A KV cache is an object passed in (`KVCache`); the model only calls `cache.update(layer, k, v)`, so the
   generation engine decides how memory is laid out. Nothing in here knows about sampling.
 - The model is built on the meta device and initialised explicitly (`init_weights`), so a large model
@@ -148,19 +154,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- masks
 def make_attention_mask(doc_ids: Tensor | None, q_len: int, k_len: int | None = None, *,
-                        key_valid: Tensor | None = None, sliding_window: int | None = None,
-                        device: torch.device | str | None = None) -> Tensor:
+                        sliding_window: int | None = None, device: torch.device | str | None = None) -> Tensor:
     """Boolean attention mask [B or 1, 1, Tq, Tk], True where a query may attend a key.
 
     Queries are the last `q_len` of `k_len` key slots (a cache prefix before them). Causal always;
-    `doc_ids` [B, Tk] restricts attention to the query's own document (packing); `key_valid` [B, Tk]
-    masks out keys that are padding; `sliding_window` keeps only the most recent keys (Mistral).
+    `doc_ids` [B, Tk] restricts attention to the query's own document (packing); `sliding_window` keeps
+    only the most recent keys (Mistral).
     """
     k_len = q_len if k_len is None else k_len
     if doc_ids is not None:
         device = doc_ids.device
-    elif key_valid is not None:
-        device = key_valid.device
     kpos = torch.arange(k_len, device=device)
     qpos = kpos[k_len - q_len:]
     mask = (kpos[None, :] <= qpos[:, None])[None, None]  # [1, 1, Tq, Tk]
@@ -169,8 +172,6 @@ def make_attention_mask(doc_ids: Tensor | None, q_len: int, k_len: int | None = 
     if doc_ids is not None:
         same = doc_ids[:, None, k_len - q_len:, None] == doc_ids[:, None, None, :]  # [B, 1, Tq, Tk]
         mask = mask & same
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :].bool()
     return mask
 
 
@@ -260,9 +261,8 @@ class Attention(nn.Module):
         if at is not None:  # index_select: its backward (index_add) is far cheaper than indexing's (index_put)
             k, v = k.index_select(0, at[0]), v.index_select(0, at[0])
         gqa = self.n_kv != self.n_heads
-        if q.device.type == "cpu" and cache is None and k.shape[-2] * self.head_dim <= CPU_FP32_ATTENTION_MAX and (
-                q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):  # see CPU_FP32_ATTENTION_MAX
-            with torch.autocast("cpu", enabled=False):
+        if cpu_fp32_attention(q, k, cache):
+            with torch.autocast("cpu", enabled=False):  # or autocast would cast the fp32 inputs back down
                 y = self._sdpa(q.float(), k.float(), v.float(), mask, gqa).to(x.dtype)
         else:
             y = self._sdpa(q, k, v, mask, gqa)
@@ -275,13 +275,24 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+# ----------------------------------------------------------------------------- attention backend choice
 # Training on CPU in bf16/fp16: PyTorch's CPU flash-attention kernel is slower in reduced precision than in fp32
 # when rows are short and heads small (measured with torch 2.13, forward + backward, head dim 32: 2.1x slower at
 # 120-160 keys, 1.1x at 256; head dim 64-128: 1.2x at 160 keys, faster beyond), so attention whose keys x head
-# dim stay within this bound is computed in fp32 (the projections and MLP stay in bf16). The rule covers every
-# full-sequence pass (no KV cache), so a training step, a reference or validation pass and a reward score use
-# the same numerics (DPO's policy and reference agree exactly at step 0); cached generation is untouched.
+# dim stay within this bound is computed in fp32 (the projections and MLP stay in bf16).
 CPU_FP32_ATTENTION_MAX = 256 * 32
+
+
+def cpu_fp32_attention(q: Tensor, k: Tensor, cache: KVCache | None) -> bool:
+    """Whether `Attention` computes this call's SDPA in fp32 (autocast off) instead of in q's own precision.
+
+    q [B, H, Tq, D], k [B, Hkv, Tk, D]. True on the CPU, for a full-sequence pass (no KV cache) in reduced
+    precision (bf16/fp16 tensors or CPU autocast), when Tk x D <= CPU_FP32_ATTENTION_MAX. The rule covers every
+    full-sequence pass, so a training step, a reference or validation pass and a reward score use the same
+    numerics (DPO's policy and reference agree exactly at step 0); cached generation is untouched.
+    """
+    return (q.device.type == "cpu" and cache is None and k.shape[-2] * q.shape[-1] <= CPU_FP32_ATTENTION_MAX
+            and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")))
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -315,17 +326,70 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 class Backbone(nn.Module):
-    """Embeddings, blocks and the final norm: Hugging Face's `LlamaModel` (the `model.` prefix)."""
+    """Embeddings, blocks, final norm and the rotary tables: Hugging Face's `LlamaModel` (the `model.` prefix).
+
+    It computes hidden states; a head reads them: `GPT` turns them into logits, `ScoreModel` (score.py) into
+    scores. The RoPE tables are derived, not learned: non-persistent buffers, rebuilt by `init_rope`, never saved,
+    so parameter names are the same as without them.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.register_buffer("rope_cos", torch.empty(cfg.max_position_embeddings, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_position_embeddings, cfg.head_dim), persistent=False)
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        cos, sin = rope_tables(self.config, self.config.max_position_embeddings, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, attn_mask: Tensor | None = None,
+                cache: KVCache | None = None, at: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, hidden].
+
+        position_ids [B, T] default to 0..T-1 (after the cache's filled length); attn_mask is a boolean
+        [B|1, 1, T, Tk] (see make_attention_mask); None means plain causal.
+        at = (rows [N], positions [N]): only the hidden states there, [N, hidden]; the last layer then computes
+        queries, attention output and MLP at those positions alone (a reward model reads one token per sequence,
+        so this skips most of a layer's work; the values are the same).
+        """
+        if at is not None and cache is not None:
+            raise ValueError("hidden_states: `at` reads a full forward pass; it cannot be used with a KV cache")
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if not torch.compiler.is_compiling() and T > 0:
+            top = int(position_ids.max())
+            if top >= self.config.max_position_embeddings:
+                limit = self.config.max_position_embeddings
+                raise ValueError(f"position {top} exceeds max_position_embeddings {limit}")
+        x = self.embed_tokens(input_ids)
+        cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
+        sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
+        sw = self.config.sliding_window
+        if attn_mask is None and cache is None and sw is not None and T > sw:
+            attn_mask = make_attention_mask(None, T, sliding_window=sw, device=input_ids.device)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            args = (x, cos, sin, attn_mask, cache, at if i == last else None)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x if at is None else x[:, 0])
 
 
 class GPT(nn.Module):
-    """A causal language model. `forward` returns hidden states or logits; losses live elsewhere."""
+    """A causal language model: the backbone plus the language-model head (logits). Losses live elsewhere."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -333,17 +397,27 @@ class GPT(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.gradient_checkpointing = False
-        # RoPE tables are derived, not learned: rebuilt by init_weights / load, never saved.
-        self.register_buffer("rope_cos", torch.empty(cfg.max_position_embeddings, cfg.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_position_embeddings, cfg.head_dim), persistent=False)
+
+    # The flag and the tables live on the backbone (a score model shares them); these read and set them there.
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.model.gradient_checkpointing = on
+
+    @property
+    def rope_cos(self) -> Tensor:
+        return self.model.rope_cos
+
+    @property
+    def rope_sin(self) -> Tensor:
+        return self.model.rope_sin
 
     # -- construction
-    @torch.no_grad()
     def init_rope(self) -> None:
-        cos, sin = rope_tables(self.config, self.config.max_position_embeddings, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.model.init_rope()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -368,41 +442,8 @@ class GPT(nn.Module):
     # -- forward
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None, attn_mask: Tensor | None = None,
                       cache: KVCache | None = None, at: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """input_ids [B, T] -> final-normed hidden states [B, T, hidden].
-
-        position_ids [B, T] default to 0..T-1 (after the cache's filled length); attn_mask is a boolean
-        [B|1, 1, T, Tk] (see make_attention_mask); None means plain causal.
-        at = (rows [N], positions [N]): only the hidden states there, [N, hidden]; the last layer then computes
-        queries, attention output and MLP at those positions alone (a reward model reads one token per sequence,
-        so this skips most of a layer's work; the values are the same).
-        """
-        if at is not None and cache is not None:
-            raise ValueError("hidden_states: `at` reads a full forward pass; it cannot be used with a KV cache")
-        B, T = input_ids.shape
-        if position_ids is None:
-            start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if not torch.compiler.is_compiling() and T > 0:
-            top = int(position_ids.max())
-            if top >= self.config.max_position_embeddings:
-                limit = self.config.max_position_embeddings
-                raise ValueError(f"position {top} exceeds max_position_embeddings {limit}")
-        x = self.model.embed_tokens(input_ids)
-        cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
-        sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
-        sw = self.config.sliding_window
-        if attn_mask is None and cache is None and sw is not None and T > sw:
-            attn_mask = make_attention_mask(None, T, sliding_window=sw, device=input_ids.device)
-        last = len(self.model.layers) - 1
-        for i, layer in enumerate(self.model.layers):
-            args = (x, cos, sin, attn_mask, cache, at if i == last else None)
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x = layer(*args)
-        if cache is not None:
-            cache.advance(T)
-        return self.model.norm(x if at is None else x[:, 0])
+        """The backbone's final-normed hidden states [B, T, hidden] ([N, hidden] with `at`); see Backbone.forward."""
+        return self.model(input_ids, position_ids, attn_mask, cache, at)
 
     def logits(self, h: Tensor) -> Tensor:
         w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

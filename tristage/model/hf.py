@@ -10,16 +10,14 @@ Choices, and why:
   fails up front with a message naming the model_type and the missing feature, never halfway through.
 - Both rope spellings are read: the legacy `rope_theta` + `rope_scaling` and transformers 5's
   `rope_parameters`. We write the legacy spelling, which every transformers version reads.
-- A save writes a sibling temp folder, fsyncs, then swaps it in with a rename, so an interrupted save
-  never leaves a half-written checkpoint where a good one was.
+- A save writes a sibling temp folder, fsyncs, then swaps it in with a rename (`tristage.io.atomic_folder`,
+  shared with LoRA adapters), so an interrupted save never leaves a half-written checkpoint where a good one was.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tristage.io import atomic_folder
 from tristage.model.gpt import GPT, ModelConfig, build_model
 
 FAMILIES = {
@@ -205,38 +204,29 @@ def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dt
 
 
 # ----------------------------------------------------------------------------- saving
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
-               generation_config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-               dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None,
+def save_model(model: torch.nn.Module, folder: str | os.PathLike, tokenizer: Any = None, *,
+               meta: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
                training_state: dict[str, Any] | None = None,
                state_dict: dict[str, torch.Tensor] | None = None,
                config_overrides: dict[str, Any] | None = None) -> Path:
-    """Write `model` as a Hugging Face folder, atomically replacing `folder`.
+    """Write `model` (a GPT or a ScoreModel: anything with `config` and Hugging Face parameter names) as a Hugging
+    Face folder, atomically replacing `folder` (tristage.io.atomic_folder).
 
     tokenizer: anything with `save(folder)` (tristage.tokenizer.Tokenizer); its eos/stop ids go into
-    generation_config.json. meta: written as tristage.json. extra_files: name -> text, written alongside.
+    generation_config.json. meta: written as tristage.json.
     training_state: torch-saved as training_state.pt in the same folder, so weights and the state to
     resume them (optimizer, data position, RNG) are replaced together or not at all.
     state_dict: the weights to write, when `model` is sharded (FSDP) and its own state dict is not full.
     config_overrides: keys set in config.json after translation (e.g. a sequence-classification head).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = {k: v.detach() for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     dtype = dtype or next(iter(state.values())).dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     hf = config_to_hf(cfg, dtype)
     hf.update(config_overrides or {})
-    gen = dict(generation_config or {})
+    gen: dict[str, Any] = {}
     if tokenizer is not None:
         for key, attr in (("bos_token_id", "bos_id"), ("pad_token_id", "pad_id")):
             v = getattr(tokenizer, attr, None)
@@ -254,8 +244,7 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if k in hf:
             gen.setdefault(k, hf[k])
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -265,22 +254,4 @@ def save_model(model: GPT, folder: str | os.PathLike, tokenizer: Any = None, *,
             (tmp / "tristage.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -27,19 +27,19 @@ Choices, and why:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tristage.io import write_json
+from tristage.io import atomic_folder, write_json
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -132,7 +132,7 @@ def _extra_modules(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, verbose: bool = False) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Add LoRA to `model` in place; only LoRA (and `trainable_extra`) parameters stay trainable."""
     if cfg.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {cfg.rank}")
@@ -152,10 +152,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, verbose: bool = False) -> nn.M
             p.requires_grad_(True)
     model.lora_config = cfg
     model.lora_extra_modules = extra
-    if verbose:
-        c = count_parameters(model)
-        print(f"lora: {len(names)} layers, rank {cfg.rank}; {c['trainable']:,} of {c['total']:,} parameters trainable "
-              f"({c['trainable'] / c['total']:.2%})")
     return model
 
 
@@ -211,39 +207,19 @@ def adapter_config(model: nn.Module, base_model_path: str | os.PathLike | None =
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_path: str | os.PathLike | None = None,
                  training_state: dict[str, Any] | None = None) -> Path:
-    """Write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors), atomically replacing it.
+    """Write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors), atomically replacing it
+    (tristage.io.atomic_folder).
 
     training_state: torch-saved alongside as training_state.pt, so adapter and resume state move together.
     """
-    from safetensors.torch import save_file
-
     if not lora_layers(model):
         raise ValueError("model has no LoRA layers to save")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(lora_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", adapter_config(model, base_model_path))
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
-        with open(tmp / "adapter_model.safetensors", "rb") as fh:
-            os.fsync(fh.fileno())
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}") if folder.exists() else None
-        if old is not None:
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        fd = os.open(folder.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "rank_pattern": {},
@@ -253,10 +229,6 @@ _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, trainable: bool = False) -> nn.Module:
     """Apply a PEFT LoRA adapter folder to a base `model` in place (frozen unless `trainable`)."""
-    import json
-
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     pc = json.loads((folder / "adapter_config.json").read_text())
     if pc.get("peft_type") != "LORA":

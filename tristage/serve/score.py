@@ -27,7 +27,7 @@ Choices, and why:
 - Batches are sorted by length (less padding) and written back in input order. Right padding with plain causal
   attention is exact for the real tokens, so a record's score does not depend on its batch mates (up to float
   rounding of different matmul shapes).
-- "score" is the one documented scalar of the folder (`RewardModel.combine`: output 0 + sum_a w_a * output a);
+- "score" is the one documented scalar of the folder (`ScoreModel.combine`: output 0 + sum_a w_a * output a);
   "scores" keeps every output by label, so per-attribute heads can be inspected.
 """
 
@@ -46,6 +46,7 @@ from torch import Tensor
 from tristage.config import arg
 from tristage.data.records import prompt_field, prompt_messages
 from tristage.io import DataError, read_jsonl, write_jsonl
+from tristage.model.score import per_row
 
 
 @dataclass
@@ -110,7 +111,7 @@ def score_ids(rm: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: in
             for b, i in enumerate(idx):
                 x[b, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
             last = torch.tensor([len(ids[i]) - 1 for i in idx])
-            out[idx] = rm(x.to(dev), last.to(dev)).float().cpu()
+            out[idx] = rm(x.to(dev), at=per_row(last.to(dev))).float().cpu()
             if on_batch is not None:
                 on_batch(len(idx))
     finally:
@@ -186,7 +187,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    from tristage.model.reward import load_reward_model
+    from tristage.model.score import load_reward_model
     from tristage.tokenizer import Tokenizer
     from tristage.train.common import progress, resolve_dtype
 

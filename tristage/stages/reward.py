@@ -41,6 +41,7 @@ import torch
 
 from tristage.config import arg, save_config, to_dict
 from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
+from tristage.model.score import per_row
 from tristage.train import distributed as dist
 from tristage.train.common import (
     MetricsLog,
@@ -119,9 +120,9 @@ def pair_scores(model, batch: dict, device) -> torch.Tensor:
     """Scores [2B, num_labels] (chosen answers first) of a pair batch in either layout: a row per answer
     (collate_pairs) or pairs sharing their prompt (collate_pairs_shared)."""
     if "last_row" not in batch:
-        return model(batch["input_ids"], batch["last_index"])
-    return model(batch["input_ids"], batch["last_pos"], batch["position_ids"], batch["attn_mask"],
-                 rows=batch["last_row"])
+        return model(batch["input_ids"], at=per_row(batch["last_index"]))
+    at = (batch["last_row"], batch["last_pos"])
+    return model(batch["input_ids"], batch["position_ids"], batch["attn_mask"], at=at)
 
 
 def pair_loss(rm, scores: torch.Tensor, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
@@ -186,8 +187,8 @@ def evaluate(model, rm, batches: list[dict], device, dtype, d=None) -> dict:
 def main(cfg: Config) -> dict:
     from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
     from tristage.model.hf import load_model
-    from tristage.model.reward import (
-        RewardModel,
+    from tristage.model.score import (
+        ScoreModel,
         from_causal_lm,
         is_reward_folder,
         load_reward_model,
@@ -221,7 +222,7 @@ def main(cfg: Config) -> dict:
         if not (ckpt / "training_state.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {ckpt}")
         state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
-        model: RewardModel = load_reward_model(ckpt, device=device, dtype=torch.float32)
+        model: ScoreModel = load_reward_model(ckpt, device=device, dtype=torch.float32)
     elif is_reward_folder(cfg.model):
         model = load_reward_model(cfg.model, device=device, dtype=torch.float32)
         if model.labels != labels:
