@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 import tristage.serve.engine as engine_mod
 from tristage.model.gpt import ModelConfig, build_model
-from tristage.serve.engine import Engine, SamplingParams, filter_logits
+from tristage.serve.engine import Engine, SamplingParams, filter_logits, first_stops
 
 V = 67
 
@@ -202,6 +202,37 @@ def test_check_every_and_compaction_do_not_change_results(model):
             for o, ref in zip(v, variants[0]):
                 assert o.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
         assert variants[0][0].finish_reason == "stop" and variants[0][0].tokens[-1] in stops
+
+
+def test_first_stops_hand_computed():
+    tokens = torch.tensor([[1, 2, 3, 3], [4, 5, 6, 7], [0, 3, 0, 1]])
+    assert first_stops(tokens, torch.tensor([3, 0])) == [2, -1, 0]
+    assert first_stops(tokens[:, 3:], torch.tensor([3, 0])) == [0, -1, -1]
+
+
+@pytest.mark.parametrize("compact_at", [0.01, 2.0])
+def test_finished_rows_leave_the_batch(model, monkeypatch, compact_at):
+    sizes: list[int] = []
+    step = Engine._decode_step
+
+    def spy(self, batch, i):
+        sizes.append(len(batch.rows))
+        assert batch.last.shape[0] == batch.tokens.shape[0] == batch.valid.shape[0] == len(batch.rows)
+        return step(self, batch, i)
+
+    monkeypatch.setattr(Engine, "_decode_step", spy)
+    prompts = prompts_of([2, 6, 4, 9, 3])
+    free = Engine(model).generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=7))
+    stop = free[1].tokens[4]
+    outs = Engine(model, check_every=1, compact_at=compact_at).generate(
+        prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, stop_ids=[stop]))
+    left = [len(o.tokens) for o in outs if o.finish_reason == "stop"]  # the step at which each stopped row ended
+    sizes = sizes[len(free[0].tokens) - 1:]  # the stopped call's steps (the free run took max_new - 1)
+    if compact_at > 1:  # finished rows stay, masked
+        assert sizes == [5] * len(sizes)
+    else:  # each row leaves right after the step that sampled its stop token
+        assert sizes == [5 - sum(n <= i + 1 for n in left) for i in range(len(sizes))]
+        assert min(sizes) < 5
 
 
 def test_stream_yields_the_generated_tokens(model):

@@ -145,7 +145,7 @@ class SlotKVCache:
 
 
 def first_stops(tokens: Tensor, stops: Tensor) -> list[int]:
-    """tokens [B, n], stops [S] -> for each row, the index of its first stop token, or -1 (one host sync)."""
+    """tokens [B, n >= 1], stops [S] -> for each row, the index of its first stop token, or -1 (one host sync)."""
     hit = torch.isin(tokens, stops)
     return torch.where(hit.any(1), hit.int().argmax(1), -1).tolist()
 
