@@ -229,6 +229,37 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
 
 
+def test_atomic_folder_replaces_on_success_only(tmp_path):
+    from tristage.io import atomic_folder
+
+    with atomic_folder(tmp_path / "out") as tmp:
+        assert tmp.parent == tmp_path and tmp.name != "out"
+        (tmp / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("two")
+        raise RuntimeError("failed halfway")
+    assert (tmp_path / "out" / "a.txt").read_text() == "one"
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.txt"]  # replaced, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folder left behind
+
+
+def test_cpu_fp32_attention_rule():
+    from tristage.model.gpt import CPU_FP32_ATTENTION_MAX, cpu_fp32_attention
+
+    D = 32
+    q = torch.zeros(1, 2, 4, D, dtype=torch.bfloat16)
+    short, long = (torch.zeros(1, 2, n, D, dtype=torch.bfloat16) for n in (CPU_FP32_ATTENTION_MAX // D, 257))
+    cache = KVCache(ModelConfig(vocab_size=8, hidden_size=64, num_attention_heads=2), 1, 8, "cpu", torch.bfloat16)
+    assert cpu_fp32_attention(q, short, None)
+    assert not cpu_fp32_attention(q, long, None)  # long rows: bf16 attention is the faster kernel
+    assert not cpu_fp32_attention(q, short, cache)  # cached generation keeps its precision
+    assert not cpu_fp32_attention(q.float(), short.float(), None)  # already fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_fp32_attention(q.float(), short.float(), None)  # autocast would compute it in bf16
+
+
 def test_cpu_bf16_full_passes_run_short_attention_in_fp32(monkeypatch):
     import tristage.model.gpt as gpt
 
