@@ -62,8 +62,8 @@ def test_a_leading_space_is_kept_at_the_seam():
 
 
 def test_stream_text_leaves_out_the_stop_token(bpe):
-    ids, eos = bpe.encode(TEXTS[1]), bpe.eos_id
-    events = [(t, None) for t in ids] + [(eos, "stop")]  # what `tristage generate` writes: the stop token left out
+    ids, stop = bpe.encode(TEXTS[1]), bpe.encode("!")[0]  # a stop id that is not special (generation_config.json)
+    events = [(t, None) for t in ids] + [(stop, "stop")]  # as `tristage generate` writes: the stop token left out
     out = list(stream_text(bpe, events))
     assert out[-1][1] == "stop" and all(r is None and t for t, r in out[:-1])
     assert "".join(t for t, _ in out) == bpe.decode(ids, skip_special_tokens=True) == TEXTS[1]
