@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_config
 
-from tristage.eval.world import answer_logprobs, compare_to_reference
+from tristage.eval.world import compare_to_reference
 from tristage.model.gpt import build_model
 from tristage.model.hf import save_model
+from tristage.rollout import completion_logprobs
 from tristage.serve.engine import Engine, SamplingParams
 from tristage.tokenizer import Tokenizer
 
@@ -26,14 +28,16 @@ def two_models(tiny_shards, tmp_path_factory):
     return root, tok
 
 
-def test_answer_logprobs_equal_the_engines(two_models):
+def test_reference_logprobs_equal_the_engines(two_models):
+    """compare_to_reference's log pi_ref (the rollout module's completion_logprobs, once eval's answer_logprobs)."""
     root, tok = two_models
     from tristage.model.hf import load_model
 
     model = load_model(root / "a").eval()
     prompts = [tok.encode("the dog"), tok.encode("a cat sat on")]
     outs = Engine(model).generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, logprobs=True))
-    ours = answer_logprobs(model, prompts, [c.tokens for c in outs])
+    with torch.no_grad():
+        ours = completion_logprobs(model, prompts, [c.tokens for c in outs]).tolist()
     assert ours == pytest.approx([sum(c.logprobs) for c in outs], abs=1e-4)
     assert all(x < 0 for x in ours)
 

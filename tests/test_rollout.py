@@ -68,15 +68,28 @@ def test_sample_answers_k_per_prompt_as_one_engine_batch(setup):
 
 
 # ----------------------------------------------------------------------------- log-probs
+@torch.no_grad()
+def _answer_logprobs(model, prompt_ids, answer_ids, batch_size=32):
+    """tristage.eval.world.answer_logprobs as it was before completion_logprobs replaced it (verbatim)."""
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        rows = [p + a for p, a in zip(prompt_ids[i:i + batch_size], answer_ids[i:i + batch_size])]
+        T = max(len(r) for r in rows)
+        x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        logp = torch.log_softmax(model(x).float(), -1)
+        for b, (p, a) in enumerate(zip(prompt_ids[i:i + batch_size], answer_ids[i:i + batch_size])):
+            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            out.append(logp[b, pos, torch.tensor(a, dtype=torch.long)].sum().item() if a else 0.0)
+    return out
+
+
 def test_completion_logprobs_equal_eval_answer_logprobs_bit_for_bit(setup):
-    world = pytest.importorskip("tristage.eval.world")
-    if not hasattr(world, "answer_logprobs"):
-        pytest.skip("eval.world.answer_logprobs has been removed")
     _, tok, model = setup
     prompts, completions = _lists(tok)
-    with torch.no_grad():
-        ours = rollout.completion_logprobs(model, prompts, completions, batch_size=3)
-    assert ours.tolist() == world.answer_logprobs(model, prompts, completions, batch_size=3)
+    for batch_size in (3, 32):  # the demo's KL figure depends on these sums: same bits, same figure
+        with torch.no_grad():
+            ours = rollout.completion_logprobs(model, prompts, completions, batch_size=batch_size)
+        assert ours.tolist() == _answer_logprobs(model, prompts, completions, batch_size=batch_size)
     assert ours[2].item() == 0.0
 
 
@@ -109,22 +122,36 @@ def test_completion_logprobs_have_gradients_and_sum_per_token(setup):
         rollout.completion_logprobs(model, [[]], [[1]])
 
 
-def test_sequence_logprobs_equal_the_losses_version(setup):
-    losses = pytest.importorskip("tristage.train.losses")
-    if not hasattr(losses, "sequence_logprobs"):
-        pytest.skip("train.losses.sequence_logprobs has been removed")
+def _old_sequence_logprobs(logits, labels, ignore_index=-100):
+    """tristage.train.losses.sequence_logprobs before rollout.sequence_logprobs replaced it (verbatim)."""
+    mask = labels != ignore_index
+    safe = labels.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1).float()
+
+
+def _old_pair_logprobs(model, batch):
+    """tristage.stages.dpo.pair_logprobs before rollout.batch_logprobs replaced it (verbatim)."""
+    if "lp_seq" not in batch:
+        return _old_sequence_logprobs(model(batch["input_ids"]), batch["labels"])
+    logits = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"])
+    picked = logits[batch["lp_row"], batch["lp_pos"]].float()
+    lp = picked.log_softmax(-1).gather(-1, batch["lp_tok"][:, None])[:, 0]
+    n2 = 2 * batch["num_pairs"]
+    zeros = torch.zeros(n2, device=lp.device, dtype=lp.dtype)
+    return zeros.index_add(0, batch["lp_seq"], lp), zeros.index_add(0, batch["lp_seq"], torch.ones_like(lp))
+
+
+def test_sequence_logprobs_equal_the_losses_version():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 11, generator=g).bfloat16()
     labels = torch.randint(0, 11, (3, 7), generator=g).masked_fill(torch.rand(3, 7, generator=g) < 0.4, -100)
-    for ours, old in zip(rollout.sequence_logprobs(logits, labels), losses.sequence_logprobs(logits, labels)):
+    for ours, old in zip(rollout.sequence_logprobs(logits, labels), _old_sequence_logprobs(logits, labels)):
         assert torch.equal(ours, old)
 
 
 @pytest.mark.parametrize("layout", ["rows", "shared", "packed"])
 def test_batch_logprobs_equal_dpo_pair_logprobs_bit_for_bit(setup, layout):
-    dpo = pytest.importorskip("tristage.stages.dpo")
-    if not hasattr(dpo, "pair_logprobs"):
-        pytest.skip("stages.dpo.pair_logprobs has been removed")
     from tristage.data.preference import Preference, encode_preferences, pair_collator
 
     _, tok, model = setup
@@ -133,7 +160,7 @@ def test_batch_logprobs_equal_dpo_pair_logprobs_bit_for_bit(setup, layout):
                          {"role": "user", "content": "and the owl?"}], "hoot hoot.", "the owl says quack."),
              Preference([{"role": "user", "content": "x"}], "a", "ab")]
     batch = pair_collator(layout)(encode_preferences(tok, prefs, 128)[0], tok.pad_id)
-    ours, old = rollout.batch_logprobs(model, batch), dpo.pair_logprobs(model, batch)
+    ours, old = rollout.batch_logprobs(model, batch), _old_pair_logprobs(model, batch)
     assert torch.equal(ours[0], old[0]) and torch.equal(ours[1], old[1])
     ours[0].sum().backward()  # with gradients
     assert model.model.embed_tokens.weight.grad is not None
