@@ -180,7 +180,7 @@ def score_pairs(rm_dir: Path, prefs, batch_size: int = 32) -> dict:
     from tristage.data.preference import collate_pairs, encode_preferences
     from tristage.model.score import load_reward_model, per_row
     from tristage.tokenizer import Tokenizer
-    from tristage.train.common import autocast, resolve_dtype
+    from tristage.runtime import autocast, resolve_dtype
 
     tok = Tokenizer.load(rm_dir)
     model = load_reward_model(rm_dir, dtype=torch.float32).eval()

@@ -281,7 +281,7 @@ def real_data(work: Path, quick: bool) -> dict:
     from tristage.model.hf import load_model, save_model
     from tristage.stages import sft
     from tristage.tokenizer import train_bpe
-    from tristage.train.common import evaluate_loss
+    from tristage.train.loop import evaluate_loss
 
     p = dict(REAL, max_steps=30, eval_every=15) if quick else REAL
     rdir = work / "real"

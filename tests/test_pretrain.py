@@ -12,7 +12,6 @@ import torch
 
 from tristage.model.gpt import ModelConfig, build_model
 from tristage.stages import pretrain
-from tristage.train.common import accumulate_gradients
 
 
 def _cfg(shards, out, **kw) -> pretrain.Config:
@@ -28,19 +27,33 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+class _Capture(torch.optim.SGD):
+    """Records the gradients it is asked to apply, applies nothing."""
+
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+
 def test_accumulation_1x8_equals_4x2_gradient():
+    from types import SimpleNamespace
+
+    from tristage.train import distributed as dist
+    from tristage.train import loop
+
     m = build_model(ModelConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2), seed=0)
     x = torch.randint(0, 40, (8, 16))
     y = torch.randint(0, 40, (8, 16))
+    cfg = SimpleNamespace(lr=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=1.0, grad_clip=0.0)
+    s = loop.Session(cfg, "test", dist.Dist(0, 1, 0, torch.device("cpu")), torch.float32, None, None, None)
     grads = []
     for n_micro in (1, 4):
-        m.zero_grad()
+        t = loop.Trainee(m, m, _Capture(m.parameters(), lr=0.0))
         rows = 8 // n_micro
         micro = [{"input_ids": x[i:i + rows], "labels": y[i:i + rows]} for i in range(0, 8, rows)]
-        s = accumulate_gradients(m, micro, n_global=8 * 16, world_size=1, device=torch.device("cpu"),
-                                 dtype=torch.float32)
-        grads.append([p.grad.clone() for p in m.parameters()])
-        assert s.item() / (8 * 16) == pytest.approx(
+        out = loop.train_step(s, t, micro, lambda mdl, b: (loop.lm_loss_sum(mdl, b), {}), loop.target_count, 0, 1)
+        grads.append(t.opt.grads)
+        assert out["count"] == 8 * 16
+        assert out["loss"] == pytest.approx(
             torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten()).item(), rel=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
@@ -70,9 +83,7 @@ def test_resume_continues_exactly(tiny_shards, tmp_path):
 
 
 def test_nan_loss_stops_without_a_checkpoint(tiny_shards, tmp_path, monkeypatch):
-    import tristage.train.common as common
-
-    real = common.lm_loss_sum
+    real = pretrain.lm_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch, ignore_index=-100):
@@ -80,7 +91,7 @@ def test_nan_loss_stops_without_a_checkpoint(tiny_shards, tmp_path, monkeypatch)
         out = real(model, batch, ignore_index)
         return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(common, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(pretrain, "lm_loss_sum", poisoned)
     with pytest.raises(FloatingPointError, match="at step 3"):
         pretrain.main(_cfg(tiny_shards, tmp_path / "r", save_every=1, eval_every=0))
     assert json.loads((tmp_path / "r" / "model" / "tristage.json").read_text())["step"] == 2

@@ -10,6 +10,10 @@ Choices:
 - A run folder keeps the resolved config as config.yaml (`save_config`), so a run can be repeated
   with `--config run/config.yaml`.
 - Unknown YAML keys are an error naming the file and the key: a typo must not be silently ignored.
+- Fields shared by several commands are declared once, in a base dataclass (tristage/train/loop.py holds the
+  training ones); a command that needs another default redeclares the field with `arg(default)` alone and
+  inherits its help. Configs are `kw_only` so bases can have defaults and a command a required positional.
+  `--help` lists a command's own flags first, then those of its bases.
 """
 
 from __future__ import annotations
@@ -69,6 +73,24 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
 
 
+def _declared_in(cls: type, name: str) -> int:
+    """MRO index of the most basic class that declares field `name` (0 = `cls` itself)."""
+    mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    return max(i for i, c in enumerate(mro) if name in c.__dict__.get("__annotations__", {}))
+
+
+def field_help(cls: type, f: dataclasses.Field) -> str:
+    """A field's help text; a field redeclared only to change its default inherits its base's text."""
+    if f.metadata.get("help"):
+        return f.metadata["help"]
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            for g in dataclasses.fields(base):
+                if g.name == f.name and g.metadata.get("help"):
+                    return g.metadata["help"]
+    return ""
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (plus `--config`)."""
     p = argparse.ArgumentParser(
@@ -76,9 +98,9 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         description=description or (cls.__doc__ or "").strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f, tp in _fields(cls):
+    for f, tp in sorted(_fields(cls), key=lambda ft: _declared_in(cls, ft[0].name)):
         base, optional = _unwrap_optional(tp)
-        help_ = f.metadata.get("help", "")
+        help_ = field_help(cls, f)
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:

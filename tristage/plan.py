@@ -27,9 +27,10 @@ Conventions, chosen so the numbers compare with published ones:
   under bf16 autocast; ZeRO's fp16 weights 2 + grads 2 + fp32 master 4 + m 4 + v 4 is also 16). Sharded
   (FSDP/ZeRO-3) that divides by the GPU count. Activations are a rough 34*h*L bytes per token (Korthikanti
   et al. 2022, bf16, flash attention, no recomputation) for one sequence; they scale with micro-batch.
-- Presets: peak dense bf16 tensor FLOP/s from the vendors' datasheets (no sparsity); `cpu` is this 2-core
-  machine's measured matmul peak (4.0e11 bf16, 1.9e11 fp32). Prices per GPU-hour are assumptions
-  (typical on-demand cloud rates, 2025), to be overridden with `--price-per-hour`.
+- Presets (tristage/flops.py, shared with the MFU that training logs): peak dense bf16 tensor FLOP/s from the
+  vendors' datasheets (no sparsity); `cpu` is this 2-core machine's measured matmul peak (4.0e11 bf16,
+  1.9e11 fp32). Prices per GPU-hour are assumptions (typical on-demand cloud rates, 2025), to be overridden
+  with `--price-per-hour`.
 """
 
 from __future__ import annotations
@@ -40,19 +41,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tristage.config import arg
+from tristage.flops import GPUS, attention_flops_per_token, flops_per_token, matmul_params
 from tristage.model.gpt import ModelConfig
 
-# name: (peak dense bf16 FLOP/s, memory GiB, assumed $ per GPU-hour)
-GPUS: dict[str, tuple[float, float, float]] = {
-    "h100": (989e12, 80, 2.50),  # SXM
-    "h200": (989e12, 141, 3.50),
-    "a100": (312e12, 80, 1.50),
-    "l4": (121e12, 24, 0.80),
-    "4090": (165e12, 24, 0.40),  # bf16 with fp32 accumulate
-    "mi300x": (1307e12, 192, 2.50),
-    "cpu": (4.0e11, 23, 0.05),  # measured, 2 threads, bf16
-    "cpu-fp32": (1.9e11, 23, 0.05),
-}
 ADAMW_BYTES_PER_PARAM = 16
 CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 GiB = 2**30
@@ -75,7 +66,7 @@ class Config:
     seq_len: int = arg(2048, help="context length T of the training sequences")
     tokens: float | None = arg(None, help="training tokens; none: what the budget buys, else tokens-per-param x N")
     causal: bool = arg(False, help="count only the causal half of attention (T/2 keys per query)")
-    gpu: Literal["h100", "h200", "a100", "l4", "4090", "mi300x", "cpu", "cpu-fp32"] = arg(
+    gpu: Literal["h100", "h200", "a100", "l4", "4090", "a10", "mi300x", "cpu", "cpu-fp32"] = arg(
         "h100", help="hardware preset: peak dense bf16 FLOP/s, memory and an assumed price")
     peak_flops: float | None = arg(None, help="peak FLOP/s per GPU, overriding the preset")
     num_gpus: int = arg(1, help="number of GPUs (or machines for cpu)")
@@ -89,23 +80,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- the math
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies through: q/k/v/o, gate/up/down per layer, plus the lm_head (V*h)."""
-    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return cfg.num_hidden_layers * (2 * h * (q + kv) + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
-    """12 * L * d_attn * T training FLOPs per token (T/2 keys if causal): QK^T and AV, fwd + bwd."""
-    keys = seq_len / 2 if causal else seq_len
-    return 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * keys
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
-    """Training FLOPs per token: 6 * N_matmul + the attention term (PaLM's 6N + 12LHQT)."""
-    return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len, causal)
-
-
 def chinchilla_optimal(budget_flops: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
     """(N_opt, D_opt) with C = 6 N D and D = k N: N = sqrt(C / 6k)."""
     n = math.sqrt(budget_flops / (6.0 * tokens_per_param))

@@ -92,10 +92,10 @@ def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
 
 def main(cfg: Config) -> int:
     from tristage.model.hf import load_model
+    from tristage.runtime import progress, resolve_dtype
     from tristage.serve.detok import stream_text
     from tristage.serve.engine import Engine, SamplingParams
     from tristage.tokenizer import Tokenizer
-    from tristage.train.common import progress, resolve_dtype
 
     if (cfg.prompt is None) == (cfg.input is None):
         raise SystemExit("give either --prompt TEXT or --input FILE.jsonl (with --output FILE.jsonl)")

@@ -188,8 +188,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def main(cfg: Config) -> dict[str, Any]:
     from tristage.model.score import load_reward_model
+    from tristage.runtime import progress, resolve_dtype
     from tristage.tokenizer import Tokenizer
-    from tristage.train.common import progress, resolve_dtype
 
     folder = Path(cfg.rm)
     if not (folder / "config.json").exists():

@@ -37,41 +37,29 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from tristage.config import arg, save_config, to_dict
+from tristage.config import arg
 from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
 from tristage.io import atomic_write_bytes
+from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
-from tristage.train.common import (
-    MetricsLog,
-    autocast,
-    progress,
-    resolve_dtype,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    to_device,
-)
+from tristage.train import loop
 from tristage.train.losses import REFERENCE_FREE, LossType, dpo_loss, sequence_logprobs
-from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(loop.FinetuneConfig, loop.LoRAArgs):
     """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO, ORPO) on preference pairs."""
 
     model: str = arg(help="starting policy folder (usually the SFT model; also the reference)", positional=True)
     data: list[str] = arg([], help="preference pairs: JSONL/JSON of prompt|messages + chosen + rejected, or the "
                                    "Anthropic HH, long-form-QA or PandaLM shapes (.gz ok)")
     val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
     out: str = arg("runs/dpo", help="run folder: config.yaml, metrics.jsonl, reference_logps.pt, model/")
     ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
     layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
@@ -80,35 +68,10 @@ class Config:
     beta: float = arg(0.1, help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
     label_smoothing: float = arg(0.0, help="assumed label-noise rate for conservative DPO / SimPO (0..0.5)")
     gamma: float = arg(0.5, help="SimPO target reward margin")
-    on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
     system_prompt: str | None = arg(None, help="system message for prompts that have none")
     max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(8, help="pairs per micro-batch per process")
-    grad_accum: int = arg(1, help="micro-batches per optimizer step")
-    epochs: float = arg(1.0, help="passes over the training pairs (ignored when --max-steps is set)")
-    max_steps: int | None = arg(None, help="optimizer steps (default: from --epochs)")
     lr: float = arg(5e-6, help="peak learning rate (small: DPO moves a model quickly; LoRA wants ~10x more)")
-    min_lr_ratio: float = arg(0.1, help="final learning rate as a fraction of --lr")
-    warmup_steps: int = arg(10, help="linear warmup steps")
-    schedule: Schedule = arg("cosine", help="cosine | wsd | constant")
-    weight_decay: float = arg(0.0, help="AdamW weight decay on matrices")
-    grad_clip: float = arg(1.0, help="clip the global gradient norm (0: off)")
-    lora_rank: int = arg(0, help="LoRA rank; 0 = full fine-tuning")
-    lora_alpha: float = arg(32.0, help="LoRA alpha (the update is scaled by alpha / rank)")
-    lora_dropout: float = arg(0.0, help="dropout on the LoRA input")
-    lora_targets: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                  help="module names that get adapters")
-    dtype: str = arg("auto", help="autocast dtype: auto (bf16 where native) | float32 | bfloat16")
-    activation_checkpointing: bool = arg(False, help="recompute activations in backward to save memory")
-    parallel: dist.Parallel = arg("ddp", help="under torchrun: ddp or fsdp")
-    eval_every: int = arg(100, help="validate every N steps (and at the end); 0: only at the end")
-    save_every: int = arg(500, help="checkpoint every N steps (and at the end)")
-    log_every: int = arg(10, help="write metrics every N steps")
-    resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
-    stop_at: int | None = arg(None, help="checkpoint and stop after this step (then --resume)")
-    seed: int = arg(0, help="seed for the split and the data order")
-    device: str = arg("auto", help="auto | cpu | cuda | cuda:N")
-    progress: bool = arg(True, help="show a progress bar")
 
 
 def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +123,41 @@ def reference_logps(model, batches: list[tuple[list[int], dict]], n_pairs: int, 
     return out
 
 
+def reference_tables(cfg: Config, s: loop.Session, model, train: list, val: list, val_batches: list,
+                     collate, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[pairs, 2] reference log-probs of the train and validation pairs: read back from out/reference_logps.pt
+    when its key matches (same reference weights, pairs and precision), else computed once (each rank its share
+    of the pairs, summed across ranks) and cached."""
+    from tristage.model.hf import load_model
+
+    cache = s.out / "reference_logps.pt"
+    key = reference_key(cfg.ref_model or cfg.model, train, val, s.dtype)
+    saved = torch.load(cache, map_location="cpu") if cache.exists() else {}
+    if saved.get("key") == key:  # resume, or a rerun with other hyperparameters
+        if s.is_main:
+            print(f"dpo: reference log-probs from {cache}")
+        return saved["train"], saved["val"]
+    ref = load_model(cfg.ref_model, device=s.device, dtype=torch.float32) if cfg.ref_model else model
+    t0 = time.perf_counter()
+    B, d = cfg.batch_size, s.d
+    mine = [list(range(k, min(k + B, len(train)))) for k in range(d.rank * B, len(train), B * d.world_size)]
+    ref_train = reference_logps(ref, [(b, collate([train[i] for i in b], pad_id)) for b in mine], len(train),
+                                s.device, s.dtype)
+    ref_val = reference_logps(ref, val_batches, len(val), s.device, s.dtype)
+    for t in (ref_train, ref_val):  # each pair was computed on one rank; the sum gives every rank all
+        t.nan_to_num_(0.0)
+        if d.world_size > 1:
+            t.copy_(dist.all_reduce_sum(t.to(s.device), d).cpu())
+    if s.is_main:
+        s.out.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({"train": ref_train, "val": ref_val, "key": key}, buf)
+        atomic_write_bytes(cache, buf.getvalue())
+        print(f"dpo: reference log-probs of {len(train)} + {len(val)} pairs in {time.perf_counter() - t0:.1f}s "
+              f"-> {cache}")
+    return ref_train, ref_val
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | None, cfg: Config, device, dtype,
              d=None) -> dict:
@@ -188,187 +186,69 @@ def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | N
 
 def main(cfg: Config) -> dict:
     from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
-    from tristage.model.hf import load_model, save_model
-    from tristage.tokenizer import Tokenizer
 
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), not {cfg.label_smoothing}")
-    d = dist.init(cfg.device)
-    device, out = d.device, Path(cfg.out)
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    tokenizer = Tokenizer.load(cfg.model)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{cfg.model}: the tokenizer has no chat_template; add one to tokenizer_config.json")
+    s = loop.start(cfg, "dpo")
+    tokenizer = loop.chat_tokenizer(cfg.model)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     train, val, _, notes = load_pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, tokenizer,
                                             cfg.max_len, cfg.on_error, cfg.system_prompt)
-
-    lora = cfg.lora_rank > 0
-    state, ckpt = None, out / ("adapter" if lora else "model")
-    if cfg.resume:
-        if not (ckpt / "training_state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume in {ckpt}")
-        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
-    model = load_model(ckpt if (state is not None and not lora) else cfg.model, device=device, dtype=torch.float32)
-
-    def split_batches(examples, loader):
-        return [(b, collate([examples[i] for i in b], pad_id)) for b in loader.plan(0)]
-
-    collate = pair_collator(cfg.layout)
+    model = loop.load_policy(s)
+    d, collate = s.d, pair_collator(cfg.layout)
     loader = PairLoader(train, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size, pad_id=pad_id,
                         layout=cfg.layout)
     val_batches = []
     if len(val) >= d.world_size:
-        val_batches = split_batches(val, PairLoader(val, cfg.batch_size, seed=cfg.seed, rank=d.rank,
-                                                    world_size=d.world_size, pad_id=pad_id))
-
-    # reference log-probs, once (from the starting weights, before any adapter or update)
-    ref_train = ref_val = None
+        vl = PairLoader(val, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size, pad_id=pad_id)
+        val_batches = [(b, collate([val[i] for i in b], pad_id)) for b in vl.plan(0)]
+    ref_train = ref_val = None  # from the starting weights, before any adapter or update
     if cfg.loss not in REFERENCE_FREE:
-        cache = out / "reference_logps.pt"
-        key = reference_key(cfg.ref_model or cfg.model, train, val, dtype)
-        saved = torch.load(cache, map_location="cpu") if cache.exists() else {}
-        if saved.get("key") == key:  # same reference weights, pairs and precision: reuse (resume, reruns)
-            ref_train, ref_val = saved["train"], saved["val"]
-            if d.is_main:
-                print(f"dpo: reference log-probs from {cache}")
-        else:
-            ref = load_model(cfg.ref_model, device=device, dtype=torch.float32) if cfg.ref_model else model
-            t0 = time.perf_counter()
-            # every pair on every rank computes its own shard; sum across ranks fills the table
-            all_train = [(b, collate([train[i] for i in b], pad_id))
-                         for b in [list(range(k, min(k + cfg.batch_size, len(train))))
-                                   for k in range(d.rank * cfg.batch_size, len(train), cfg.batch_size * d.world_size)]]
-            ref_train = reference_logps(ref, all_train, len(train), device, dtype)
-            ref_val = reference_logps(ref, val_batches, len(val), device, dtype)
-            for t in (ref_train, ref_val):  # each pair was computed on one rank; the sum gives every rank all
-                t.nan_to_num_(0.0)
-                if d.world_size > 1:
-                    t.copy_(dist.all_reduce_sum(t.to(device), d).cpu())
-            if ref is not model:
-                del ref
-            if d.is_main:
-                out.mkdir(parents=True, exist_ok=True)
-                buf = io.BytesIO()
-                torch.save({"train": ref_train, "val": ref_val, "key": key}, buf)
-                atomic_write_bytes(cache, buf.getvalue())
-                print(f"dpo: reference log-probs of {len(train)} + {len(val)} pairs in "
-                      f"{time.perf_counter() - t0:.1f}s -> {cache}")
-
-    if lora:
-        from tristage.model.lora import LoRAConfig, apply_lora, load_adapter
-
-        if state is not None:
-            load_adapter(model, ckpt, trainable=True)
-        else:
-            torch.manual_seed(cfg.seed)
-            apply_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                         target_modules=list(cfg.lora_targets)))
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    model.train()
-    wrapped = dist.wrap(model, d, cfg.parallel)
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        ref_train, ref_val = reference_tables(cfg, s, model, train, val, val_batches, collate, pad_id)
+    loop.add_lora(s, model)
+    t = loop.prepare(s, model)
     steps_per_epoch = max(1, loader.steps_per_epoch() // cfg.grad_accum)
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    start_step = 0
-    if state is not None:
-        dist.load_optim_state(wrapped, opt, state["optimizer"], d)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        for n in notes:
-            print(f"dpo: {n}")
-        print(f"dpo: {cfg.loss}, beta {cfg.beta}; {n_train / 1e6:.3f}M trained ({'LoRA' if lora else 'full'}); "
-              f"{len(train)} train / {len(val)} val pairs; {steps_per_epoch} steps/epoch, {max_steps} steps; "
-              f"{dtype}, {device}")
-    log = MetricsLog(out, enabled=d.is_main, resume_step=start_step if state is not None else None)
+    max_steps = loop.total_steps(cfg, steps_per_epoch)
+    start = loop.restore(s, t, loader)
+    loop.announce(s, *notes, f"{cfg.loss}, beta {cfg.beta}; {loop.trained_params(model)[1] / 1e6:.3f}M trained "
+                             f"({'LoRA' if s.lora else 'full'}); {len(train)} train / {len(val)} val pairs; "
+                             f"{steps_per_epoch} steps/epoch, {max_steps} steps; {s.dtype}, {s.device}")
 
-    def checkpoint(step: int, metrics: dict, final: bool) -> None:
-        training_state = {"step": step, "optimizer": dist.full_optim_state(wrapped, opt, d),
-                          "loader": loader.state_dict(), "rng": rng_state()}
-        full = dist.full_state_dict(wrapped, d)
-        if d.is_main:
-            meta = {"stage": "dpo", "parent": cfg.model, "step": step, "config": to_dict(cfg), "metrics": metrics}
-            if lora:
-                from tristage.model.lora import merge_lora, save_adapter
+    def next_batch() -> dict:
+        batch = next(loader)
+        return {**batch, "pair_idx": loader.plan(loader.epoch)[loader.index - 1]}
 
-                save_adapter(model, out / "adapter", base_model_path=cfg.model, training_state=training_state)
-                if final:
-                    import copy
-
-                    save_model(merge_lora(copy.deepcopy(model)), out / "model", tokenizer, dtype=torch.float32,
-                               meta=meta)
-            else:
-                save_model(model, out / "model", tokenizer, state_dict=full, dtype=torch.float32,
-                           training_state=training_state, meta=meta)
-        dist.barrier(d)
+    def loss_fn(wrapped, batch):
+        idx = batch["pair_idx"]
+        ref = None if ref_train is None else torch.cat([ref_train[idx, 0], ref_train[idx, 1]]).to(s.device,
+                                                                                                   torch.float32)
+        logp, n = pair_logprobs(wrapped, batch)
+        loss, ch, rj = losses(logp, n, ref, len(idx), cfg)
+        return loss.sum(), {"reward_chosen": ch.sum(), "reward_rejected": rj.sum(), "accuracy": (ch > rj).sum()}
 
     metrics: dict = {}
-    t_last, pairs_seen = time.perf_counter(), 0
-    with progress(cfg.progress and d.is_main) as bar:
-        task = bar.add_task("dpo", total=max_steps, completed=start_step, info="")
-        for step in range(start_step, max_steps):
-            lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-            set_lr(opt, lr)
-            micro = []
-            for _ in range(cfg.grad_accum):
-                batch = next(loader)
-                micro.append((loader.plan(loader.epoch)[loader.index - 1], batch))
-            n_global = dist.all_reduce_sum(torch.tensor(float(sum(len(i) for i, _ in micro)), device=device),
-                                           d).item()
-            tot = torch.zeros(5, dtype=torch.float64, device=device)  # loss, chosen, rejected, correct, pairs
-            for k, (idx, batch) in enumerate(micro):
-                batch = to_device(batch, device)
-                B = len(idx)
-                ref = None if ref_train is None else torch.cat([ref_train[idx, 0], ref_train[idx, 1]]).to(
-                    device, torch.float32)
-                with dist.no_sync(wrapped, k == len(micro) - 1), autocast(device, dtype):
-                    logp, n = pair_logprobs(wrapped, batch)
-                    loss, ch, rj = losses(logp, n, ref, B, cfg)
-                    (loss.sum() * d.world_size / n_global).backward()
-                tot += torch.stack([loss.detach().sum(), ch.sum(), rj.sum(), (ch > rj).sum(),
-                                    torch.tensor(float(B), device=device)]).double()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            dist.all_reduce_sum(tot, d)
-            npairs = tot[4].item()
-            loss_v = tot[0].item() / npairs
-            if not (math.isfinite(loss_v) and math.isfinite(float(grad_norm))):
-                raise FloatingPointError(f"dpo: loss {loss_v} / grad norm {float(grad_norm)} at step {step + 1}; "
-                                         "stopping without writing a checkpoint from this state")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pairs_seen += int(npairs)
+    with loop.Reporter(s, max_steps, start) as rep:
+        for step in range(start, max_steps):
+            m = loop.train_step(s, t, [next_batch() for _ in range(cfg.grad_accum)], loss_fn,
+                                lambda b: len(b["pair_idx"]), step, max_steps)
+            rep.count(m["count"])
             done = step + 1
-            if done % cfg.log_every == 0 or done == max_steps:
-                now = time.perf_counter()
-                metrics = {"loss": loss_v, "reward_chosen": tot[1].item() / npairs,
-                           "reward_rejected": tot[2].item() / npairs, "margin": (tot[1] - tot[2]).item() / npairs,
-                           "accuracy": tot[3].item() / npairs, "lr": lr, "grad_norm": float(grad_norm),
-                           "pairs_per_s": pairs_seen / max(now - t_last, 1e-9)}
-                t_last, pairs_seen = now, 0
-                log.log(done, **metrics)
-                bar.update(task, info=f"loss {loss_v:.3f}  margin {metrics['margin']:.3f}  acc "
-                                      f"{metrics['accuracy']:.2f}")
-            if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == max_steps):
-                v = evaluate(wrapped, val_batches, ref_val, cfg, device, dtype, d)
+            if loop.due(done, cfg.log_every, max_steps):
+                metrics = {k: m[k] for k in ("loss", "reward_chosen", "reward_rejected")}
+                metrics.update(margin=m["reward_chosen"] - m["reward_rejected"], accuracy=m["accuracy"], lr=m["lr"],
+                               grad_norm=m["grad_norm"], pairs_per_s=rep.rate())
+                rep.record(done, metrics, f"loss {m['loss']:.3f}  margin {metrics['margin']:.3f}  acc "
+                                          f"{m['accuracy']:.2f}")
+            if val_batches and loop.due(done, cfg.eval_every, max_steps):
+                v = evaluate(t.wrapped, val_batches, ref_val, cfg, s.device, s.dtype, d)
                 metrics.update({f"val_{k}": x for k, x in v.items()})
-                log.log(done, **{f"val_{k}": x for k, x in v.items()})
-                if d.is_main:
-                    bar.console.print(f"step {done}: val loss {v['loss']:.4f}, accuracy {v['accuracy']:.3f}, "
-                                      f"margin {v['margin']:.3f}, rewards {v['reward_chosen']:.3f} / "
-                                      f"{v['reward_rejected']:.3f}")
-            stopping = cfg.stop_at is not None and done >= cfg.stop_at
-            if (cfg.save_every and done % cfg.save_every == 0) or done == max_steps or stopping:
-                checkpoint(done, metrics, final=done == max_steps)
-            bar.update(task, completed=done)
-            if stopping:
+                rep.record(done, {f"val_{k}": x for k, x in v.items()})
+                rep.print(f"step {done}: val loss {v['loss']:.4f}, accuracy {v['accuracy']:.3f}, margin "
+                          f"{v['margin']:.3f}, rewards {v['reward_chosen']:.3f} / {v['reward_rejected']:.3f}")
+            if loop.save_due(s, done, max_steps):
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps, parent=cfg.model)
+            rep.advance(done)
+            if loop.stop_due(s, done):
                 break
-    log.close()
-    dist.shutdown(d)
+    loop.finish(s)
     return metrics

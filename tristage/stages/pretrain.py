@@ -26,34 +26,22 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from tristage.config import arg, save_config, to_dict
+from tristage.config import arg
+from tristage.flops import flops_per_token, peak_flops
 from tristage.model.gpt import GPT, ModelConfig, build_model
-from tristage.model.hf import load_model, save_model
-from tristage.plan import flops_per_token
-from tristage.train import distributed as dist
-from tristage.train.common import (
-    MetricsLog,
-    accumulate_gradients,
-    evaluate_loss,
-    peak_flops,
-    progress,
-    resolve_dtype,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
+from tristage.model.hf import load_model
+from tristage.train import loop
+from tristage.train.loop import lm_loss_sum
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(loop.TrainConfig):
     """Pre-train a Llama-family model on token shards (from `tristage prepare`)."""
 
     data: str = arg("runs/demo/shards", help="token shard folder written by `tristage prepare`")
@@ -70,32 +58,15 @@ class Config:
     tie_embeddings: bool = arg(True, help="share the input embedding with the output layer")
     seq_len: int = arg(256, help="tokens per training sequence (the context length)")
     batch_size: int = arg(16, help="sequences per micro-batch per process")
-    grad_accum: int = arg(1, help="micro-batches per optimizer step; global batch = batch x accum x processes")
-    max_steps: int = arg(1000, help="optimizer steps")
-    lr: float = arg(3e-3, help="peak learning rate")
-    min_lr_ratio: float = arg(0.1, help="final learning rate as a fraction of --lr")
-    warmup_steps: int = arg(50, help="linear warmup steps")
-    schedule: Schedule = arg("cosine", help="cosine | wsd (warmup-stable-decay) | constant")
-    weight_decay: float = arg(0.1, help="AdamW weight decay on matrices and embeddings")
-    beta1: float = arg(0.9, help="AdamW beta1")
-    beta2: float = arg(0.95, help="AdamW beta2")
-    grad_clip: float = arg(1.0, help="clip the global gradient norm to this (0: off)")
     loader: Literal["random", "sequential"] = arg("random", help="random windows (nanoGPT) or one pass in order")
-    dtype: str = arg("auto", help="autocast dtype: auto (bf16 where native) | float32 | bfloat16 | float16")
-    compile: bool = arg(False, help="torch.compile the model (pays compile time up front)")
-    activation_checkpointing: bool = arg(False, help="recompute activations in backward to save memory")
-    parallel: dist.Parallel = arg("ddp", help="under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)")
-    eval_every: int = arg(250, help="validate every N steps (and at the end); 0: only at the end")
     eval_batches: int = arg(20, help="validation batches per evaluation")
     sample_every: int = arg(0, help="write sample generations every N steps (0: only at the end)")
     sample_prompts: list[str] = arg(["Once upon a time"], help="prompts for the sample generations")
-    save_every: int = arg(500, help="checkpoint every N steps (and at the end)")
-    log_every: int = arg(10, help="write metrics every N steps")
-    resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
-    stop_at: int | None = arg(None, help="checkpoint and stop after this step (split a run into jobs; then --resume)")
-    seed: int = arg(0, help="seed for initialisation and data order")
-    device: str = arg("auto", help="auto | cpu | cuda | cuda:N")
-    progress: bool = arg(True, help="show a progress bar")
+    max_steps: int = arg(1000, help="optimizer steps")
+    lr: float = arg(3e-3)
+    warmup_steps: int = arg(50)
+    weight_decay: float = arg(0.1)
+    eval_every: int = arg(250)
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -128,127 +99,74 @@ def write_samples(model: GPT, tokenizer, prompts: list[str], step: int, path: Pa
             fh.write(json.dumps({"step": step, "prompt": p, "completion": text}) + "\n")
 
 
+def build(cfg: Config, s: loop.Session, vocab_size: int) -> GPT:
+    """The model: the checkpoint being resumed > a folder to continue from > a fresh one from the shape flags."""
+    if s.state is not None:
+        return load_model(s.ckpt, device=s.device, dtype=torch.float32)
+    if cfg.init_from:
+        return load_model(cfg.init_from, device=s.device, dtype=torch.float32)
+    return build_model(model_config(cfg, vocab_size), device=s.device, seed=cfg.seed)
+
+
 def main(cfg: Config) -> dict:
     from tristage.data.pretrain import TokenLoader, load_meta
     from tristage.tokenizer import Tokenizer
 
-    d = dist.init(cfg.device)
-    device = d.device
-    out = Path(cfg.out)
-    ckpt_dir = out / "model"
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
+    s = loop.start(cfg, "pretrain")
     load_meta(cfg.data)  # fails early, naming the folder, if it is not a finished `tristage prepare` output
     tok_path = cfg.tokenizer or str(Path(cfg.data) / "tokenizer")
     tokenizer = Tokenizer.load(tok_path)
-
-    # -- model: resume > continue from a folder > from scratch
-    state = None
-    if cfg.resume:
-        if not (ckpt_dir / "training_state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume in {ckpt_dir}")
-        model = load_model(ckpt_dir, device=device, dtype=torch.float32)
-        state = torch.load(ckpt_dir / "training_state.pt", map_location="cpu", weights_only=False)
-    elif cfg.init_from:
-        model = load_model(cfg.init_from, device=device, dtype=torch.float32)
-    else:
-        model = build_model(model_config(cfg, tokenizer.vocab_size), device=device, seed=cfg.seed)
+    model = build(cfg, s, tokenizer.vocab_size)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens, model only {mcfg.vocab_size}")
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context {mcfg.max_position_embeddings}")
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-
-    wrapped = dist.wrap(model, d, cfg.parallel)  # before the optimizer: FSDP2 swaps parameters for DTensors
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
+    t = loop.prepare(s, model)
+    d = s.d
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                          seed=cfg.seed, mode=cfg.loader)
     val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                              seed=cfg.seed + 1, mode="sequential")
     val_batches = [{"input_ids": x, "labels": y} for x, y in val_loader.val_batches(cfg.eval_batches)]
-    bytes_per_token = val_loader.bytes_per_token
-
-    start_step, tokens_seen = 0, 0
-    if state is not None:
-        dist.load_optim_state(wrapped, opt, state["optimizer"], d)
-        loader.load_state_dict(state["loader"])  # the same on every rank: a global step counter
-        set_rng_state(state["rng"])
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-
+    start = loop.restore(s, t, loader)
+    tokens_seen = s.state["tokens_seen"] if s.state is not None else 0
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
-    flops_per_step = flops_per_token(mcfg, cfg.seq_len) * tokens_per_step  # PaLM convention
-    peak = peak_flops(device, dtype) * d.world_size
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        print(f"pretrain: {n_params / 1e6:.2f}M params, {mcfg.num_hidden_layers} layers x {mcfg.hidden_size}, "
-              f"vocab {mcfg.vocab_size}, {tokens_per_step:,} tokens/step, {dtype}, device {device}, "
-              f"{d.world_size} process(es)")
-    log = MetricsLog(out, enabled=d.is_main, resume_step=start_step if state is not None else None)
-
-    def checkpoint(step: int, metrics: dict) -> None:
-        full = dist.full_state_dict(wrapped, d)  # collective under FSDP
-        optim_state = dist.full_optim_state(wrapped, opt, d)
-        if d.is_main:
-            training_state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optim_state,
-                              "loader": loader.state_dict(), "rng": rng_state()}
-            save_model(model, ckpt_dir, tokenizer, state_dict=full, dtype=torch.float32, training_state=training_state,
-                       meta={"stage": "pretrain", "parent": cfg.init_from, "step": step, "tokens": tokens_seen,
-                             "config": to_dict(cfg), "metrics": metrics})
-        dist.barrier(d)
+    peak = peak_flops(s.device, s.dtype) * d.world_size
+    loop.announce(s, f"{loop.trained_params(model)[0] / 1e6:.2f}M params, {mcfg.num_hidden_layers} layers x "
+                     f"{mcfg.hidden_size}, vocab {mcfg.vocab_size}, {tokens_per_step:,} tokens/step, {s.dtype}, "
+                     f"device {s.device}, {d.world_size} process(es)")
 
     metrics: dict = {}
-    t_last, tok_last = time.perf_counter(), tokens_seen
-    with progress(cfg.progress and d.is_main) as bar:
-        task = bar.add_task("pretrain", total=cfg.max_steps, completed=start_step, info="")
-        for step in range(start_step, cfg.max_steps):
-            lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-            set_lr(opt, lr)
-            n_global = tokens_per_step  # fixed-length windows: every target counts
+    with loop.Reporter(s, cfg.max_steps, start) as rep:
+        for step in range(start, cfg.max_steps):
             micro = [dict(zip(("input_ids", "labels"), next(loader))) for _ in range(cfg.grad_accum)]
-            loss_sum = accumulate_gradients(wrapped, micro, n_global, d.world_size, device, dtype)
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss = dist.all_reduce_sum(loss_sum, d) / n_global
-            if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
-                raise FloatingPointError(f"pretrain: loss {loss.item()} / grad norm {float(grad_norm)} at step "
-                                         f"{step + 1}; stopping without writing a checkpoint from this state")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            m = loop.train_step(s, t, micro, lambda mdl, b: (lm_loss_sum(mdl, b), {}), loop.target_count, step,
+                                cfg.max_steps)
             tokens_seen += tokens_per_step
+            rep.count(tokens_per_step)
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                now = time.perf_counter()
-                tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, tokens_seen
-                mfu = tps / tokens_per_step * flops_per_step / peak
-                metrics = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
+            if loop.due(done, cfg.log_every, cfg.max_steps):
+                tps = rep.rate()
+                mfu = tps * flops_per_token(mcfg, cfg.seq_len) / peak  # PaLM's convention
+                metrics = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens": tokens_seen,
                            "tok_per_s": tps, "mfu": mfu}
-                log.log(done, **metrics)
-                bar.update(task, info=f"loss {loss.item():.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
-                vl = evaluate_loss(wrapped, val_batches, device, dtype, d)
-                metrics.update(val_loss=vl, val_bpb=vl / math.log(2) / bytes_per_token)
-                log.log(done, val_loss=vl, val_bpb=metrics["val_bpb"])
-                if d.is_main:
-                    bar.console.print(f"step {done}: val loss {vl:.4f}, {metrics['val_bpb']:.3f} bits/byte")
-            if d.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps) \
-                    and cfg.sample_prompts and not cfg.parallel == "fsdp":
-                write_samples(model, tokenizer, cfg.sample_prompts, done, out / "samples.jsonl")
+                rep.record(done, metrics, f"loss {m['loss']:.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
+            if loop.due(done, cfg.eval_every, cfg.max_steps):
+                vl = loop.evaluate_loss(t.wrapped, val_batches, s.device, s.dtype, d)
+                metrics.update(val_loss=vl, val_bpb=vl / math.log(2) / val_loader.bytes_per_token)
+                rep.record(done, {"val_loss": vl, "val_bpb": metrics["val_bpb"]})
+                rep.print(f"step {done}: val loss {vl:.4f}, {metrics['val_bpb']:.3f} bits/byte")
+            if s.is_main and loop.due(done, cfg.sample_every, cfg.max_steps) and cfg.sample_prompts \
+                    and cfg.parallel != "fsdp":
+                write_samples(model, tokenizer, cfg.sample_prompts, done, s.out / "samples.jsonl")
                 model.train()
-            stopping = cfg.stop_at is not None and done >= cfg.stop_at
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or stopping:
-                checkpoint(done, metrics)
-            bar.update(task, completed=done)
-            if stopping:
-                if d.is_main:
-                    bar.console.print(f"stopped after step {done} (--stop-at); continue with --resume")
+            if loop.save_due(s, done, cfg.max_steps):
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == cfg.max_steps, parent=cfg.init_from,
+                          state={"tokens_seen": tokens_seen}, meta={"tokens": tokens_seen})
+            rep.advance(done)
+            if loop.stop_due(s, done):
+                rep.print(f"stopped after step {done} (--stop-at); continue with --resume")
                 break
-    log.close()
-    dist.shutdown(d)
+    loop.finish(s)
     return metrics

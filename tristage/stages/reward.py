@@ -32,33 +32,22 @@ Simplified: full fine-tuning only (no LoRA), one data mixture.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from tristage.config import arg, save_config, to_dict
+from tristage.config import arg
 from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
 from tristage.model.score import per_row
+from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
-from tristage.train.common import (
-    MetricsLog,
-    autocast,
-    progress,
-    resolve_dtype,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    to_device,
-)
+from tristage.train import loop
 from tristage.train.losses import bradley_terry_loss, rating_loss
-from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(loop.FinetuneConfig):
     """Train a reward model on preference pairs (Bradley-Terry), with optional per-attribute rating heads."""
 
     model: str = arg(help="starting model folder: SFT/base checkpoint, Hugging Face causal LM, or a reward model",
@@ -66,38 +55,17 @@ class Config:
     data: list[str] = arg([], help="preference pairs: JSONL/JSON of prompt|messages + chosen + rejected, or the "
                                    "Anthropic HH, long-form-QA or PandaLM shapes (.gz ok)")
     val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
     out: str = arg("runs/reward", help="run folder: config.yaml, metrics.jsonl, model/")
-    on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
     system_prompt: str | None = arg(None, help="system message for prompts that have none")
     layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
     max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(16, help="pairs per micro-batch per process")
-    grad_accum: int = arg(1, help="micro-batches per optimizer step")
-    epochs: float = arg(1.0, help="passes over the training pairs (ignored when --max-steps is set)")
-    max_steps: int | None = arg(None, help="optimizer steps (default: from --epochs)")
-    lr: float = arg(1e-4, help="peak learning rate")
-    min_lr_ratio: float = arg(0.1, help="final learning rate as a fraction of --lr")
-    warmup_steps: int = arg(10, help="linear warmup steps")
-    schedule: Schedule = arg("cosine", help="cosine | wsd | constant")
-    weight_decay: float = arg(0.0, help="AdamW weight decay on matrices")
-    grad_clip: float = arg(1.0, help="clip the global gradient norm (0: off)")
     margin_scale: float = arg(0.0, help="margin = scale x (mean normalised rating of chosen - of rejected), >= 0")
     center_coef: float = arg(0.01, help="reward-centering coefficient: + coef * mean((r_c + r_r)^2); 0: off")
     attribute_heads: Literal["auto", "on", "off"] = arg("auto", help="per-attribute rating heads (auto: when the "
                                                                      "training pairs carry ratings)")
     rating_coef: float = arg(1.0, help="weight of the rating heads' squared error in the loss")
     attribute_weight: float = arg(1.0, help="total weight of the attribute heads in the combined score")
-    dtype: str = arg("auto", help="autocast dtype: auto (bf16 where native) | float32 | bfloat16")
-    parallel: dist.Parallel = arg("ddp", help="under torchrun: ddp or fsdp")
-    eval_every: int = arg(100, help="validate every N steps (and at the end); 0: only at the end")
-    save_every: int = arg(500, help="checkpoint every N steps (and at the end)")
-    log_every: int = arg(10, help="write metrics every N steps")
-    resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
-    stop_at: int | None = arg(None, help="checkpoint and stop after this step (then --resume)")
-    seed: int = arg(0, help="seed for the split, the data order and the head's initialisation")
-    device: str = arg("auto", help="auto | cpu | cuda | cuda:N")
-    progress: bool = arg(True, help="show a progress bar")
 
 
 def rating_ranges(examples, attributes: list[str]) -> dict[str, list[float]]:
@@ -184,144 +152,86 @@ def evaluate(model, rm, batches: list[dict], device, dtype, d=None) -> dict:
     return out
 
 
+def build(cfg: Config, s: loop.Session, train: list, attributes: list[str]):
+    """The reward model: the checkpoint being resumed > a reward-model folder (same heads) > a causal LM with a
+    fresh score head (one output, plus one per attribute when the pairs carry ratings)."""
+    from tristage.model.hf import load_model
+    from tristage.model.score import from_causal_lm, is_reward_folder, load_reward_model
+
+    heads = {"on": bool(attributes), "off": False, "auto": any(e.ratings for e in train) and bool(attributes)}
+    if cfg.attribute_heads == "on" and not attributes:
+        raise ValueError("--attribute-heads on: the training pairs carry no ratings")
+    labels = ["reward"] + (list(attributes) if heads[cfg.attribute_heads] else [])
+    if s.state is not None:
+        return load_reward_model(s.ckpt, device=s.device, dtype=torch.float32)
+    if is_reward_folder(cfg.model):
+        model = load_reward_model(cfg.model, device=s.device, dtype=torch.float32)
+        if model.labels != labels:
+            raise ValueError(f"{cfg.model}: its heads {model.labels} differ from this data's {labels}")
+        return model
+    A = len(labels) - 1
+    return from_causal_lm(load_model(cfg.model, device=s.device, dtype=torch.float32), len(labels), cfg.seed,
+                          labels=labels, weights=[1.0] + [cfg.attribute_weight / max(A, 1)] * A,
+                          rating_range=rating_ranges(train, attributes) if A else {})
+
+
 def main(cfg: Config) -> dict:
     from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
-    from tristage.model.hf import load_model
-    from tristage.model.score import (
-        ScoreModel,
-        from_causal_lm,
-        is_reward_folder,
-        load_reward_model,
-        save_reward_model,
-    )
-    from tristage.tokenizer import Tokenizer
+    from tristage.model.score import save_reward_model
 
-    d = dist.init(cfg.device)
-    device, out = d.device, Path(cfg.out)
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    tokenizer = Tokenizer.load(cfg.model)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{cfg.model}: the tokenizer has no chat_template; add one to tokenizer_config.json")
+    s = loop.start(cfg, "reward")
+    tokenizer = loop.chat_tokenizer(cfg.model)
     if tokenizer.pad_id is None or tokenizer.pad_id in set(tokenizer.stop_ids):
         raise ValueError(f"{cfg.model}: the tokenizer needs a pad token distinct from its end-of-turn tokens "
                          "(set pad_token in tokenizer_config.json)")
     train, val, attributes, notes = load_pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, tokenizer,
                                                      cfg.max_len, cfg.on_error, cfg.system_prompt)
-    heads = {"on": bool(attributes), "off": False, "auto": any(e.ratings for e in train) and bool(attributes)}
-    use_heads = heads[cfg.attribute_heads]
-    if cfg.attribute_heads == "on" and not attributes:
-        raise ValueError("--attribute-heads on: the training pairs carry no ratings")
-    labels = ["reward"] + (list(attributes) if use_heads else [])
-    A = len(labels) - 1
-    head = {"labels": labels, "weights": [1.0] + [cfg.attribute_weight / max(A, 1)] * A,
-            "rating_range": rating_ranges(train, attributes) if use_heads else {}}
-
-    state, ckpt = None, out / "model"
-    if cfg.resume:
-        if not (ckpt / "training_state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume in {ckpt}")
-        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
-        model: ScoreModel = load_reward_model(ckpt, device=device, dtype=torch.float32)
-    elif is_reward_folder(cfg.model):
-        model = load_reward_model(cfg.model, device=device, dtype=torch.float32)
-        if model.labels != labels:
-            raise ValueError(f"{cfg.model}: its heads {model.labels} differ from this data's {labels}")
-    else:
-        model = from_causal_lm(load_model(cfg.model, device=device, dtype=torch.float32), len(labels), cfg.seed,
-                               **head)
-    model.train()
-    wrapped = dist.wrap(model, d, cfg.parallel)
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    model = build(cfg, s, train, attributes)
+    t = loop.prepare(s, model)
+    d = s.d
     loader = PairLoader(train, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                         pad_id=tokenizer.pad_id, layout=cfg.layout)
     val_batches = []
     if len(val) >= d.world_size:
         vl = PairLoader(val, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                         pad_id=tokenizer.pad_id)
-        collate = pair_collator(cfg.layout)
-        val_batches = [collate([val[i] for i in b], tokenizer.pad_id) for b in vl.plan(0)]
+        val_batches = [pair_collator(cfg.layout)([val[i] for i in b], tokenizer.pad_id) for b in vl.plan(0)]
     steps_per_epoch = max(1, loader.steps_per_epoch() // cfg.grad_accum)
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    start_step = 0
-    if state is not None:
-        dist.load_optim_state(wrapped, opt, state["optimizer"], d)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        for n in notes:
-            print(f"reward: {n}")
-        print(f"reward: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; heads {labels}; "
-              f"{len(train)} train / {len(val)} val pairs; {steps_per_epoch} steps/epoch, {max_steps} steps; "
-              f"{dtype}, {device}")
-    log = MetricsLog(out, enabled=d.is_main, resume_step=start_step if state is not None else None)
+    max_steps = loop.total_steps(cfg, steps_per_epoch)
+    start = loop.restore(s, t, loader)
+    loop.announce(s, *notes, f"{loop.trained_params(model)[0] / 1e6:.2f}M params; heads {model.labels}; "
+                             f"{len(train)} train / {len(val)} val pairs; {steps_per_epoch} steps/epoch, "
+                             f"{max_steps} steps; {s.dtype}, {s.device}")
 
-    def checkpoint(step: int, metrics: dict) -> None:
-        training_state = {"step": step, "optimizer": dist.full_optim_state(wrapped, opt, d),
-                          "loader": loader.state_dict(), "rng": rng_state()}
-        full = dist.full_state_dict(wrapped, d)
-        if d.is_main:
-            meta = {"stage": "reward", "parent": cfg.model, "step": step, "config": to_dict(cfg), "metrics": metrics}
-            save_reward_model(model, ckpt, tokenizer, state_dict=full, dtype=torch.float32,
-                              training_state=training_state, meta=meta)
-        dist.barrier(d)
+    def loss_fn(wrapped, batch):
+        scores = pair_scores(wrapped, batch, s.device)
+        loss, _ = pair_loss(model, scores, batch, cfg)
+        B = batch["num_pairs"]
+        rc, rr = scores[:B, 0], scores[B:, 0]
+        return loss * B, {"accuracy": (rc > rr).sum(), "margin": (rc - rr).sum()}
 
     metrics: dict = {}
-    t_last, pairs_seen = time.perf_counter(), 0
-    with progress(cfg.progress and d.is_main) as bar:
-        task = bar.add_task("reward", total=max_steps, completed=start_step, info="")
-        for step in range(start_step, max_steps):
-            lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-            set_lr(opt, lr)
+    with loop.Reporter(s, max_steps, start) as rep:
+        for step in range(start, max_steps):
             micro = [next(loader) for _ in range(cfg.grad_accum)]
-            n_global = dist.all_reduce_sum(torch.tensor(float(sum(b["num_pairs"] for b in micro)), device=device),
-                                           d).item()
-            totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, margin, pairs
-            for i, batch in enumerate(micro):
-                batch = to_device(batch, device)
-                with dist.no_sync(wrapped, i == len(micro) - 1), autocast(device, dtype):
-                    s = pair_scores(wrapped, batch, device)
-                    loss, _ = pair_loss(model, s, batch, cfg)
-                    B = batch["num_pairs"]
-                    (loss * B * d.world_size / n_global).backward()
-                totals += torch.tensor([loss.item() * B, (s[:B, 0] > s[B:, 0]).sum().item(),
-                                        (s[:B, 0] - s[B:, 0]).sum().item(), B], device=device, dtype=torch.float64)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            dist.all_reduce_sum(totals, d)
-            loss_v = totals[0].item() / totals[3].item()
-            if not (math.isfinite(loss_v) and math.isfinite(float(grad_norm))):
-                raise FloatingPointError(f"reward: loss {loss_v} / grad norm {float(grad_norm)} at step {step + 1}; "
-                                         "stopping without writing a checkpoint from this state")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pairs_seen += int(totals[3].item())
+            m = loop.train_step(s, t, micro, loss_fn, lambda b: b["num_pairs"], step, max_steps)
+            rep.count(m["count"])
             done = step + 1
-            if done % cfg.log_every == 0 or done == max_steps:
-                now = time.perf_counter()
-                metrics = {"loss": loss_v, "accuracy": totals[1].item() / totals[3].item(),
-                           "margin": totals[2].item() / totals[3].item(), "lr": lr, "grad_norm": float(grad_norm),
-                           "pairs_per_s": pairs_seen / max(now - t_last, 1e-9)}
-                t_last, pairs_seen = now, 0
-                log.log(done, **metrics)
-                bar.update(task, info=f"loss {loss_v:.3f}  acc {metrics['accuracy']:.2f}")
-            if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == max_steps):
-                v = evaluate(wrapped, model, val_batches, device, dtype, d)
+            if loop.due(done, cfg.log_every, max_steps):
+                metrics = {k: m[k] for k in ("loss", "accuracy", "margin", "lr", "grad_norm")}
+                metrics["pairs_per_s"] = rep.rate()
+                rep.record(done, metrics, f"loss {m['loss']:.3f}  acc {m['accuracy']:.2f}")
+            if val_batches and loop.due(done, cfg.eval_every, max_steps):
+                v = evaluate(t.wrapped, model, val_batches, s.device, s.dtype, d)
                 metrics.update({f"val_{k}": x for k, x in v.items()})
-                log.log(done, **{f"val_{k}": x for k, x in v.items()})
-                if d.is_main:
-                    bar.console.print(f"step {done}: val accuracy {v['accuracy']:.3f} (combined "
-                                      f"{v['accuracy_combined']:.3f}), margin {v['margin']:.3f}, rewards "
-                                      f"{v['reward_chosen']:.3f} / {v['reward_rejected']:.3f}")
-            stopping = cfg.stop_at is not None and done >= cfg.stop_at
-            if (cfg.save_every and done % cfg.save_every == 0) or done == max_steps or stopping:
-                checkpoint(done, metrics)
-            bar.update(task, completed=done)
-            if stopping:
+                rep.record(done, {f"val_{k}": x for k, x in v.items()})
+                rep.print(f"step {done}: val accuracy {v['accuracy']:.3f} (combined {v['accuracy_combined']:.3f}), "
+                          f"margin {v['margin']:.3f}, rewards {v['reward_chosen']:.3f} / {v['reward_rejected']:.3f}")
+            if loop.save_due(s, done, max_steps):
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps, parent=cfg.model,
+                          save_fn=save_reward_model)
+            rep.advance(done)
+            if loop.stop_due(s, done):
                 break
-    log.close()
-    dist.shutdown(d)
+    loop.finish(s)
     return metrics

@@ -1,0 +1,455 @@
+"""The training loop's parts, shared by every training stage: plain functions a stage calls, top to bottom.
+
+    s = loop.start(cfg, "sft")                              # process group, precision, seed, run folder, resume state
+    model = loop.load_policy(s)                             # cfg.model, or the checkpoint being resumed
+    loop.add_lora(s, model)                                 # adapters when --lora-rank > 0 (new or resumed)
+    t = loop.prepare(s, model)                              # DDP/FSDP, optimizer, compile
+    start = loop.restore(s, t, loader)                      # optimizer, data position, RNG: exactly where it stopped
+    loop.announce(s, "what this run is")                    # config.yaml, a summary line
+    with loop.Reporter(s, max_steps, start) as rep:         # progress bar + metrics.jsonl
+        for step in range(start, max_steps):
+            m = loop.train_step(s, t, micro_batches, loss_fn, count, step, max_steps)
+            ...                                             # the stage's logging and evaluation
+            if loop.save_due(s, done, max_steps):
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps)
+            if loop.stop_due(s, done): break
+
+Choices, and why:
+- Functions, not a Trainer class: each stage's loop stays visible in its own file (what it logs, when it evaluates,
+  what a batch is), and the parts no stage should write twice live here: run set-up, resume, LoRA, wrapping, the
+  optimizer step, checkpoints, metrics and the progress bar. Stages share data (the Config bases below), not
+  behaviour.
+- `train_step` takes `loss_fn(model, batch) -> (summed loss, {name: summed statistic})` and `count(batch) -> its
+  denominator` (trained tokens, or pairs). The denominator is read from the batches before any forward pass and
+  summed over every micro-batch and process, so each micro-batch's backward already carries the scale
+  world_size / n_global and the gradient is exactly that of the mean over the global batch, whatever the split
+  into micro-batches and processes (DDP averages gradients over processes; x world_size turns that into a sum).
+  Statistics come back summed over the global batch and divided by the same denominator.
+- A non-finite loss or gradient norm stops the run naming the step, before the optimizer step, so no checkpoint
+  is ever written from a poisoned state.
+- A checkpoint is a Hugging Face model folder with `training_state.pt` (optimizer, data position, RNG, step)
+  inside it, written atomically; with LoRA it is the PEFT adapter folder, and the merged model is written at the
+  end. Weights and optimizer state are gathered from every process first (collectives under FSDP).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tristage.config import arg, save_config, to_dict
+from tristage.runtime import autocast, progress, resolve_dtype, rng_state, seed_everything, set_rng_state, to_device
+from tristage.train import distributed as dist
+from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------- configuration shared by stages
+@dataclass(kw_only=True)
+class RunConfig:
+    """What every run has: a folder, a seed, a device, a precision, a progress bar."""
+
+    out: str = arg("runs/run", help="run folder: config.yaml, metrics.jsonl, model/")
+    seed: int = arg(0, help="seed for initialisation, the data split and the data order")
+    device: str = arg("auto", help="auto | cpu | cuda | cuda:N")
+    dtype: str = arg("auto", help="autocast dtype: auto (bf16 where native) | float32 | bfloat16 | float16")
+    progress: bool = arg(True, help="show a progress bar")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunConfig):
+    """What every training run has: the optimizer, its schedule, the loop's cadence, resuming, parallelism."""
+
+    grad_accum: int = arg(1, help="micro-batches per optimizer step; global batch = batch x accum x processes")
+    max_steps: int | None = arg(None, help="optimizer steps (default: from --epochs)")
+    lr: float = arg(1e-4, help="peak learning rate")
+    min_lr_ratio: float = arg(0.1, help="final learning rate as a fraction of --lr")
+    warmup_steps: int = arg(10, help="linear warmup steps")
+    schedule: Schedule = arg("cosine", help="cosine | wsd (warmup-stable-decay) | constant")
+    weight_decay: float = arg(0.0, help="AdamW weight decay on matrices (and embeddings)")
+    beta1: float = arg(0.9, help="AdamW beta1")
+    beta2: float = arg(0.95, help="AdamW beta2")
+    grad_clip: float = arg(1.0, help="clip the global gradient norm to this (0: off)")
+    compile: bool = arg(False, help="torch.compile the model (pays compile time up front)")
+    activation_checkpointing: bool = arg(False, help="recompute activations in backward to save memory")
+    parallel: dist.Parallel = arg("ddp", help="under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)")
+    eval_every: int = arg(100, help="validate every N steps (and at the end); 0: only at the end")
+    save_every: int = arg(500, help="checkpoint every N steps (and at the end)")
+    log_every: int = arg(10, help="write metrics every N steps")
+    resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
+    stop_at: int | None = arg(None, help="checkpoint and stop after this step (split a run into jobs; then --resume)")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """A training run that starts from a model folder and reads JSONL records (chats or preference pairs)."""
+
+    model: str = arg(help="starting model folder (tristage checkpoint or Hugging Face Llama/Qwen/Mistral)",
+                     positional=True)
+    data: list[str] = arg([], help="training records: JSONL/JSON files (.gz ok)")
+    val_data: list[str] = arg([], help="validation records (default: hold out --val-fraction of --data)")
+    val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
+    on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
+    system_prompt: str | None = arg(None, help="system message for conversations that have none")
+    max_len: int = arg(512, help="longest sequence in tokens")
+    epochs: float = arg(1.0, help="passes over the training data (ignored when --max-steps is set)")
+
+
+@dataclass(kw_only=True)
+class LoRAArgs:
+    """Low-rank adapters instead of full fine-tuning."""
+
+    lora_rank: int = arg(0, help="LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = arg(32.0, help="LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = arg(0.0, help="dropout on the LoRA input")
+    lora_targets: list[str] = arg(LORA_TARGETS, help="module names that get adapters")
+
+
+# ----------------------------------------------------------------------------- run set-up and resume
+@dataclass
+class Session:
+    """One training run on this process: its config, process group, precision, folders and resume state."""
+
+    cfg: Any
+    stage: str
+    d: dist.Dist
+    dtype: torch.dtype
+    out: Path
+    ckpt: Path  # the checkpoint folder: out/model, or out/adapter with LoRA
+    state: dict[str, Any] | None  # training_state.pt of the checkpoint being resumed, else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.d.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.d.is_main
+
+    @property
+    def lora(self) -> bool:
+        return getattr(self.cfg, "lora_rank", 0) > 0
+
+
+def start(cfg: Any, stage: str) -> Session:
+    """Join the process group (under torchrun), pick the precision, seed every RNG, and read the resume state."""
+    d = dist.init(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    ckpt = out / ("adapter" if getattr(cfg, "lora_rank", 0) > 0 else "model")
+    state = None
+    if cfg.resume:
+        if not (ckpt / "training_state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume in {ckpt}")
+        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+    return Session(cfg, stage, d, dtype, out, ckpt, state)
+
+
+def chat_tokenizer(folder: str | os.PathLike) -> Any:
+    """The tokenizer of a model folder, which must carry a chat template (every stage after pre-training)."""
+    from tristage.tokenizer import Tokenizer  # tokenizers + jinja2: only where a stage needs them
+
+    tokenizer = Tokenizer.load(folder)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{folder}: the tokenizer has no chat_template; add one to tokenizer_config.json")
+    return tokenizer
+
+
+def load_policy(s: Session) -> nn.Module:
+    """The causal LM to train, in fp32: the checkpoint being resumed (full fine-tuning), else cfg.model."""
+    from tristage.model.hf import load_model
+
+    resume_full = s.state is not None and not s.lora
+    return load_model(s.ckpt if resume_full else s.cfg.model, device=s.device, dtype=torch.float32)
+
+
+def add_lora(s: Session, model: nn.Module) -> None:
+    """With --lora-rank > 0: fresh adapters (seeded), or the resumed run's adapters; otherwise nothing."""
+    if not s.lora:
+        return
+    from tristage.model.lora import LoRAConfig, apply_lora, load_adapter
+
+    if s.state is not None:
+        load_adapter(model, s.ckpt, trainable=True)
+    else:
+        cfg = s.cfg
+        torch.manual_seed(cfg.seed)
+        apply_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                     target_modules=list(cfg.lora_targets)))
+
+
+@dataclass
+class Trainee:
+    """A model being trained: the plain module (its parameters and checkpoints), what runs the forward pass
+    (wrapped for DDP/FSDP, maybe compiled) and its optimizer."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    opt: torch.optim.Optimizer
+
+
+def prepare(s: Session, model: nn.Module) -> Trainee:
+    """Training mode, activation checkpointing, DDP/FSDP wrapping (before the optimizer: FSDP2 swaps parameters
+    for DTensors), AdamW over the trainable parameters, and torch.compile if asked."""
+    cfg = s.cfg
+    model.gradient_checkpointing = cfg.activation_checkpointing
+    model.train()
+    wrapped = dist.wrap(model, s.d, cfg.parallel)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return Trainee(model, wrapped, opt)
+
+
+def restore(s: Session, t: Trainee, loader: Any) -> int:
+    """Put the optimizer, the data loader and the RNGs back as the checkpoint left them; the step to start at."""
+    if s.state is None:
+        return 0
+    dist.load_optim_state(t.wrapped, t.opt, s.state["optimizer"], s.d)
+    loader.load_state_dict(s.state["loader"])
+    set_rng_state(s.state["rng"])
+    return s.state["step"]
+
+
+def total_steps(cfg: Any, steps_per_epoch: int) -> int:
+    """--max-steps, or enough optimizer steps for --epochs passes (at least one)."""
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def announce(s: Session, *lines: str) -> None:
+    """Create the run folder, write the resolved config.yaml, print `stage: line` for each line (main process)."""
+    if s.is_main:
+        s.out.mkdir(parents=True, exist_ok=True)
+        save_config(s.cfg, s.out / "config.yaml")
+        for line in lines:
+            print(f"{s.stage}: {line}")
+
+
+def trained_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def train_step(s: Session, t: Trainee, micro: Sequence[dict[str, Any]], loss_fn: LossFn,
+               count: Callable[[dict[str, Any]], float], step: int, max_steps: int) -> dict[str, float]:
+    """One optimizer step over `micro` (this process's micro-batches): learning rate from the schedule, gradient
+    accumulation to the global mean, clipping, a finite check naming the step, AdamW.
+
+    Returns {"loss", each statistic of loss_fn (global sum / global count), "lr", "grad_norm", "count"}.
+    """
+    cfg = s.cfg
+    lr = lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+    set_lr(t.opt, lr)
+    n_local = torch.tensor(float(sum(count(b) for b in micro)), device=s.device)
+    n_global = dist.all_reduce_sum(n_local, s.d).item()
+    names: list[str] = []
+    totals = torch.zeros(1, dtype=torch.float64, device=s.device)
+    for i, batch in enumerate(micro):
+        batch = to_device(batch, s.device)
+        with dist.no_sync(t.wrapped, i == len(micro) - 1), autocast(s.device, s.dtype):
+            loss_sum, stats = loss_fn(t.wrapped, batch)
+            (loss_sum * (s.d.world_size / n_global)).backward()
+        names = list(stats)
+        vals = torch.stack([x.detach().double() for x in (loss_sum, *stats.values())])
+        totals = vals if i == 0 else totals + vals
+    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in t.model.parameters() if p.requires_grad],
+                                                     cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+    sums = dist.all_reduce_sum(totals, s.d).tolist()
+    loss = sums[0] / max(n_global, 1)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"{s.stage}: loss {loss} / grad norm {grad_norm} at step {step + 1}; "
+                                 "stopping without writing a checkpoint from this state")
+    t.opt.step()
+    t.opt.zero_grad(set_to_none=True)
+    return {"loss": loss, **{k: v / max(n_global, 1) for k, v in zip(names, sums[1:])}, "lr": lr,
+            "grad_norm": grad_norm, "count": n_global}
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], ignore_index: int = -100) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the targets that are not `ignore_index`.
+
+    batch: input_ids [B, T]; labels [B, T] already aligned with the inputs (labels[:, t] is the token that
+    should follow input_ids[:, :t+1]); optional position_ids [B, T] and attn_mask [B, 1, T, T] (packing).
+    """
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=ignore_index,
+                           reduction="sum")
+
+
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Trained tokens of a language-model batch (labels that are not -100)."""
+    return int((batch["labels"] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                  dtype: torch.dtype, d: dist.Dist | None = None) -> float:
+    """Mean next-token loss over all target tokens of fixed validation batches (on every process, under DDP)."""
+    was = model.training
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, dtype):
+            total[0] += lm_loss_sum(model, batch).double()
+        total[1] += (batch["labels"] != -100).sum()
+    if d is not None:
+        dist.all_reduce_sum(total, d)
+    model.train(was)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def due(done: int, every: int, total: int) -> bool:
+    """Every `every` steps (0: never) and at the last step."""
+    return bool(every and done % every == 0) or done == total
+
+
+def stop_due(s: Session, done: int) -> bool:
+    """--stop-at reached: checkpoint and leave the loop (continue later with --resume)."""
+    return s.cfg.stop_at is not None and done >= s.cfg.stop_at
+
+
+def save_due(s: Session, done: int, total: int) -> bool:
+    return due(done, s.cfg.save_every, total) or stop_due(s, done)
+
+
+def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, Any], loader: Any, *, final: bool,
+         parent: str | None, save_fn: Callable[..., Any] | None = None, state: dict[str, Any] | None = None,
+         meta: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint of step `step` atomically: the model folder with training_state.pt beside the weights
+    (or, with LoRA, the adapter folder, plus the merged model folder when `final`). `save_fn` writes the model
+    folder (default: a causal LM's); `state` and `meta` add keys to training_state.pt and tristage.json."""
+    from tristage.model.hf import save_model
+
+    training_state = {"step": step, **(state or {}), "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
+                      "loader": loader.state_dict(), "rng": rng_state()}
+    full = dist.full_state_dict(t.wrapped, s.d)  # collective under FSDP
+    if s.is_main:
+        info = {"stage": s.stage, "parent": parent, "step": step, **(meta or {}), "config": to_dict(s.cfg),
+                "metrics": metrics}
+        if s.lora:
+            from tristage.model.lora import merge_lora, save_adapter
+
+            save_adapter(t.model, s.ckpt, base_model_path=s.cfg.model, training_state=training_state)
+            if final:
+                save_model(merge_lora(copy.deepcopy(t.model)), s.out / "model", tokenizer, dtype=torch.float32,
+                           meta=info)
+        else:
+            (save_fn or save_model)(t.model, s.ckpt, tokenizer, state_dict=full, dtype=torch.float32,
+                                    training_state=training_state, meta=info)
+    dist.barrier(s.d)
+
+
+def finish(s: Session) -> None:
+    """Leave the process group (under torchrun)."""
+    dist.shutdown(s.d)
+
+
+# ----------------------------------------------------------------------------- metrics and progress
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step, appended and flushed) + TensorBoard if installed."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # drop records past the checkpoint we resume from: they will be produced again
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.fh = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        except Exception:  # tensorboard not installed: jsonl only
+            self.tb = None
+
+    def log(self, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v)
+                                for k, v in values.items()}}
+        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class Reporter:
+    """A run's progress bar, metrics.jsonl and throughput meter (all quiet on processes other than the main one).
+
+    metrics.jsonl keeps the records up to the step being resumed from and drops later ones (they are produced
+    again); a fresh run starts a fresh file."""
+
+    def __init__(self, s: Session, total: int, start: int):
+        self.log = MetricsLog(s.out, enabled=s.is_main, resume_step=start if s.state is not None else None)
+        self.bar = progress(s.cfg.progress and s.is_main)
+        self.task = self.bar.add_task(s.stage, total=total, completed=start, info="")
+        self.is_main = s.is_main
+        self._t, self._n = time.perf_counter(), 0.0
+
+    def __enter__(self) -> Reporter:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+        self.log.close()
+
+    def count(self, n: float) -> None:
+        """Add `n` units (tokens, pairs) to the throughput meter."""
+        self._n += n
+
+    def rate(self) -> float:
+        """Units per second since the last call (or the start); resets the meter."""
+        now = time.perf_counter()
+        r = self._n / max(now - self._t, 1e-9)
+        self._t, self._n = now, 0.0
+        return r
+
+    def record(self, step: int, metrics: dict[str, Any], info: str | None = None) -> None:
+        """Append metrics to metrics.jsonl; `info` replaces the text beside the progress bar."""
+        self.log.log(step, **metrics)
+        if info is not None:
+            self.bar.update(self.task, info=info)
+
+    def print(self, text: str) -> None:
+        if self.is_main:
+            self.bar.console.print(text)
+
+    def advance(self, done: int) -> None:
+        self.bar.update(self.task, completed=done)
