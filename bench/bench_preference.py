@@ -239,6 +239,7 @@ def parity(work: Path) -> tuple[list[dict], dict]:
     from tristage.data.preference import collate_pairs, collate_pairs_shared
     from tristage.model.hf import load_model
     from tristage.model.score import load_reward_model
+    from tristage.rollout import batch_logprobs
     from tristage.stages import dpo as sdpo
     from tristage.stages import reward as sreward
     from tristage.train.losses import bradley_terry_loss, dpo_loss
@@ -292,10 +293,10 @@ def parity(work: Path) -> tuple[list[dict], dict]:
     with torch.no_grad():
         pc, pr = trainer.compute_ref_log_probs(trainer.model, batch)
         rc, rr = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-        lp, n = sdpo.pair_logprobs(ours_pol, ob)
-        lr_, _ = sdpo.pair_logprobs(ours_ref, ob)
+        lp, n = batch_logprobs(ours_pol, ob)
+        lr_, _ = batch_logprobs(ours_ref, ob)
         packed = collate_pairs_shared(ex[:BATCH], ttok.pad_id, pack=True)
-        lp_packed, n_packed = sdpo.pair_logprobs(ours_pol, packed)
+        lp_packed, n_packed = batch_logprobs(ours_pol, packed)
         # TRL's fused-head forward, as in its _compute_loss; ours: the log_softmax + gather of `sequence_logprobs`
         trl_tok = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                                 labels=labels, fused_lm_head=True).log_probs

@@ -11,6 +11,7 @@ from conftest import pair_world
 
 from tristage.data.preference import encode_reply
 from tristage.model.hf import load_model
+from tristage.rollout import batch_logprobs
 from tristage.stages import dpo
 from tristage.tokenizer import Tokenizer
 
@@ -133,9 +134,9 @@ def test_shared_prompt_layouts_give_the_same_logprobs_as_two_rows(setup, layout)
     model = load_model(setup / "base").eval()
     ex = _layout_pairs(tok)
     with torch.no_grad():
-        two = dpo.pair_logprobs(model, collate_pairs(ex, tok.pad_id))
+        two = batch_logprobs(model, collate_pairs(ex, tok.pad_id))
         batch = pair_collator(layout)(ex, tok.pad_id)
-        one = dpo.pair_logprobs(model, batch)
+        one = batch_logprobs(model, batch)
     torch.testing.assert_close(one[0], two[0], atol=1e-4, rtol=1e-5)
     assert one[1].tolist() == two[1].tolist()  # the same answer tokens are scored
     longest = max(len(e.chosen_ids) + len(e.rejected_ids) for e in ex)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tristage.train.losses import bradley_terry_loss, dpo_loss, log1mexp, rating_loss, sequence_logprobs
+from tristage.rollout import sequence_logprobs
+from tristage.train.losses import bradley_terry_loss, dpo_loss, log1mexp, rating_loss
 
 
 def t(*xs: float) -> torch.Tensor:

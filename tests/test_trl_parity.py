@@ -150,7 +150,7 @@ def world(tiny_shards, tmp_path_factory):
     from tristage.model.gpt import build_model
     from tristage.model.hf import load_model, save_model
     from tristage.model.score import from_causal_lm, save_reward_model
-    from tristage.stages import dpo as sdpo
+    from tristage.rollout import batch_logprobs
     from tristage.tokenizer import Tokenizer
 
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -203,8 +203,8 @@ def world(tiny_shards, tmp_path_factory):
     with torch.no_grad():
         pc, pr = dpo.compute_ref_log_probs(dpo.model, batch)
         rc, rr = dpo.compute_ref_log_probs(dpo.ref_model, batch)
-        lp, n = sdpo.pair_logprobs(ours_pol, ob)
-        lp_ref, _ = sdpo.pair_logprobs(ours_ref, ob)
+        lp, n = batch_logprobs(ours_pol, ob)
+        lp_ref, _ = batch_logprobs(ours_ref, ob)
     lc, lr = (x.sum(1).float() for x in batch["completion_mask"].chunk(2))
     return SimpleNamespace(work=work, tok=tok, hf_tok=hf_tok, ex=ex, dpo=dpo, dpo_args=args, conv=conv,
                            rtrainer=rtrainer, batch=batch, ob=ob, ours_pol=ours_pol, lp=lp, n=n, lp_ref=lp_ref,
@@ -236,7 +236,7 @@ def test_trl_tokenizes_pairs_as_we_do(world):
 def test_sequence_logprobs_match_trl(world):
     """Per-token and summed reply log-probs of a real batch, policy and reference, both pair layouts."""
     from tristage.data.preference import collate_pairs_shared
-    from tristage.stages import dpo as sdpo
+    from tristage.rollout import batch_logprobs
 
     t, batch, ob = world.trl_logps, world.batch, world.ob
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -248,7 +248,7 @@ def test_sequence_logprobs_match_trl(world):
         ours_tok = torch.log_softmax(world.ours_pol(ob["input_ids"]).float(), -1).gather(
             -1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (y != -100)
         packed = collate_pairs_shared(world.ex[:BATCH], world.tok.pad_id, pack=True)
-        lp_packed, n_packed = sdpo.pair_logprobs(world.ours_pol, packed)
+        lp_packed, n_packed = batch_logprobs(world.ours_pol, packed)
     assert_close(ours_tok[:, :trl_tok.shape[1]], trl_tok)
     assert_close(world.lp, torch.cat([t["c"], t["r"]]), rel=1e-6)
     assert_close(world.lp_ref, torch.cat([t["rc"], t["rr"]]), rel=1e-6)

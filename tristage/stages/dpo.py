@@ -46,10 +46,11 @@ import torch
 from tristage.config import arg
 from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
 from tristage.io import atomic_write_bytes
+from tristage.rollout import batch_logprobs
 from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
 from tristage.train import loop
-from tristage.train.losses import REFERENCE_FREE, LossType, dpo_loss, sequence_logprobs
+from tristage.train.losses import REFERENCE_FREE, LossType, dpo_loss
 
 
 @dataclass(kw_only=True)
@@ -72,19 +73,6 @@ class Config(loop.FinetuneConfig, loop.LoRAArgs):
     max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(8, help="pairs per micro-batch per process")
     lr: float = arg(5e-6, help="peak learning rate (small: DPO moves a model quickly; LoRA wants ~10x more)")
-
-
-def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs [2B] (chosen, then rejected) and answer token counts [2B], from either batch layout:
-    two rows per pair (collate_pairs) or one row with the prompt shared (collate_pairs_shared)."""
-    if "lp_seq" not in batch:
-        return sequence_logprobs(model(batch["input_ids"]), batch["labels"])
-    logits = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"])
-    picked = logits[batch["lp_row"], batch["lp_pos"]].float()  # [N, V]: the logits that predict each answer token
-    lp = picked.log_softmax(-1).gather(-1, batch["lp_tok"][:, None])[:, 0]
-    n2 = 2 * batch["num_pairs"]
-    zeros = torch.zeros(n2, device=lp.device, dtype=lp.dtype)
-    return zeros.index_add(0, batch["lp_seq"], lp), zeros.index_add(0, batch["lp_seq"], torch.ones_like(lp))
 
 
 def losses(logp: torch.Tensor, n: torch.Tensor, ref: torch.Tensor | None, B: int, cfg: Config):
@@ -116,7 +104,7 @@ def reference_logps(model, batches: list[tuple[list[int], dict]], n_pairs: int, 
     for idx, batch in batches:
         batch = to_device(batch, device)
         with autocast(device, dtype):
-            logp, _ = pair_logprobs(model, batch)
+            logp, _ = batch_logprobs(model, batch)
         B = len(idx)
         out[idx, 0], out[idx, 1] = logp[:B].double().cpu(), logp[B:].double().cpu()
     model.train(was)
@@ -168,7 +156,7 @@ def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | N
     for idx, batch in batches:
         batch = to_device(batch, device)
         with autocast(device, dtype):
-            logp, n = pair_logprobs(model, batch)
+            logp, n = batch_logprobs(model, batch)
         B = len(idx)
         r = None if ref is None else torch.cat([ref[idx, 0], ref[idx, 1]]).to(device, torch.float32)
         loss, ch, rj = losses(logp, n, r, B, cfg)
@@ -222,7 +210,7 @@ def main(cfg: Config) -> dict:
         idx = batch["pair_idx"]
         ref = None if ref_train is None else torch.cat([ref_train[idx, 0], ref_train[idx, 1]]).to(s.device,
                                                                                                    torch.float32)
-        logp, n = pair_logprobs(wrapped, batch)
+        logp, n = batch_logprobs(wrapped, batch)
         loss, ch, rj = losses(logp, n, ref, len(idx), cfg)
         return loss.sum(), {"reward_chosen": ch.sum(), "reward_rejected": rj.sum(), "accuracy": (ch > rj).sum()}
 

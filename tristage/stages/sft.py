@@ -26,9 +26,8 @@ Simplified: no NEFTune, no sample weighting; one data mixture (all `--data` file
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
-
-import torch
 
 from tristage.config import arg
 from tristage.train import loop
@@ -53,27 +52,17 @@ class Config(loop.FinetuneConfig, loop.LoRAArgs):
 def load_chats(cfg: Config, tokenizer):
     """(train examples, val examples, messages printed about what was skipped or truncated)."""
     from tristage.data.chat import encode_conversations, format_skipped, load_conversations
-
-    def load(paths):
-        convs, errors = [], []
-        for p in paths:
-            c, e = load_conversations(p, on_error=cfg.on_error, system_prompt=cfg.system_prompt)
-            convs += c
-            errors += e
-        return convs, errors
+    from tristage.data.records import load_all, split_train_val
 
     if not cfg.data:
         raise ValueError("sft: no --data given")
-    train, errors = load(cfg.data)
+    load = partial(load_conversations, on_error=cfg.on_error, system_prompt=cfg.system_prompt)
+    train, errors = load_all(cfg.data, load)
     if cfg.val_data:
-        val, verr = load(cfg.val_data)
+        val, verr = load_all(cfg.val_data, load)
         errors += verr
     else:
-        rng = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(train), generator=rng).tolist()
-        n_val = max(1, round(cfg.val_fraction * len(train))) if cfg.val_fraction > 0 else 0
-        val = [train[i] for i in order[:n_val]]
-        train = [train[i] for i in sorted(order[n_val:])]
+        train, val = split_train_val(train, cfg.val_fraction, cfg.seed)
     notes = [format_skipped(errors)]
     tr, tr_stats = encode_conversations(tokenizer, train, cfg.max_len, cfg.truncation, on_error=cfg.on_error)
     va, va_stats = encode_conversations(tokenizer, val, cfg.max_len, cfg.truncation, on_error=cfg.on_error)

@@ -37,18 +37,6 @@ LossType = Literal["sigmoid", "ipo", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-def sequence_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """Sum of log p(label) over the labelled positions of each row, and their count.
-
-    logits [N, T, V]; labels [N, T] pre-shifted (labels[:, t] follows inputs[:, :t+1]), ignore_index elsewhere.
-    Returns (logp_sum [N] float32, n_tokens [N] float32).
-    """
-    mask = labels != ignore_index
-    safe = labels.masked_fill(~mask, 0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1).float()
-
-
 def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None, *,
              chosen_len: Tensor | None = None, rejected_len: Tensor | None = None, beta: float = 0.1,
              loss_type: LossType = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.5,
