@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tristage.config import arg
+from tristage.data.pretrain import PrepareConfig, prepare_main, read_documents
+from tristage.eval.world import compare_to_reference, evaluate_chat_model, reward_gold_agreement
 from tristage.io import write_json
+from tristage.rollout import load_chat_model
+from tristage.serve.engine import Engine, SamplingParams
+from tristage.stages import dpo, label, pretrain, reward, sft
+from tristage.tokenizer import TrainConfig, train_main
+from tristage.world import score
+from tristage.world.cli import GenerateConfig, generate_main
 
 
 @dataclass
@@ -60,21 +68,13 @@ class Config:
 def score_base_model(model_dir: Path, val_txt: Path, seed: int, n: int = 64) -> dict:
     """Continue the first words of held-out stories with the base model and score the stories with the
     gold scorer, next to the same stories as written: how much of the world has pre-training learned?"""
-    import torch
-
-    from tristage.data.pretrain import read_documents
-    from tristage.model.hf import load_model
-    from tristage.serve.engine import Engine, SamplingParams
-    from tristage.tokenizer import Tokenizer
-    from tristage.world import score
-
     docs = [d for d in read_documents(str(val_txt)) if d.strip()][:n]
     openings = [" ".join(d.split()[:4]) for d in docs]
-    tok = Tokenizer.load(model_dir)
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    outs = Engine(model).generate([tok.encode(o) for o in openings],
-                                  SamplingParams(max_new_tokens=160, temperature=0.7, top_k=50, seed=seed,
-                                                 stop_ids=tok.stop_ids))
+    base = load_chat_model(model_dir, require_template=False)  # a base model: plain text in, stories out
+    tok = base.tokenizer
+    outs = Engine(base.model).generate([tok.encode(o) for o in openings],
+                                       SamplingParams(max_new_tokens=160, temperature=0.7, top_k=50, seed=seed,
+                                                      stop_ids=base.stop_ids))
     made = [o + tok.decode(c.tokens, skip_special_tokens=True) for o, c in zip(openings, outs)]
     ours = [score("", t) for t in made]
     data = [score("", d) for d in docs]
@@ -91,9 +91,6 @@ def score_base_model(model_dir: Path, val_txt: Path, seed: int, n: int = 64) -> 
 
 def preference_steps(cfg: Config, out: Path, world: Path, chat: Path, prompts: Path) -> dict:
     """Stage 3a on the demo world: reward model, DPO, and one round of AI feedback + DPO."""
-    from tristage.eval.world import compare_to_reference, reward_gold_agreement
-    from tristage.stages import dpo, label, reward
-
     report: dict = {}
     pairs, val_pairs = world / "preference" / "train.jsonl", world / "preference" / "val.jsonl"
     rm = out / "reward"
@@ -136,12 +133,6 @@ def _step(name: str, done: Path, fresh: bool) -> bool:
 
 
 def main(cfg: Config) -> int:
-    from tristage.data.pretrain import PrepareConfig, prepare_main
-    from tristage.eval.world import evaluate_chat_model
-    from tristage.stages import pretrain, sft
-    from tristage.tokenizer import TrainConfig, train_main
-    from tristage.world.cli import GenerateConfig, generate_main
-
     out = Path(cfg.out)
     t0 = time.perf_counter()
     world = out / "world"
