@@ -155,8 +155,8 @@ def plain_loop(shards: Path, recipe: list[str], steps: int, peer: bool) -> dict:
 
     from tristage.data.pretrain import TokenLoader
     from tristage.model.gpt import ModelConfig, build_model
-    from tristage.stages.pretrain import parse_args
     from tristage.runtime import autocast, resolve_dtype
+    from tristage.stages.pretrain import parse_args
     from tristage.train.optim import build_optimizer, lr_at, set_lr
 
     cfg = parse_args(["--data", str(shards), *flag(recipe, "--max-steps", str(steps))])

@@ -179,8 +179,8 @@ def score_pairs(rm_dir: Path, prefs, batch_size: int = 32) -> dict:
 
     from tristage.data.preference import collate_pairs, encode_preferences
     from tristage.model.score import load_reward_model, per_row
-    from tristage.tokenizer import Tokenizer
     from tristage.runtime import autocast, resolve_dtype
+    from tristage.tokenizer import Tokenizer
 
     tok = Tokenizer.load(rm_dir)
     model = load_reward_model(rm_dir, dtype=torch.float32).eval()

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tristage.io import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -201,6 +203,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from tristage.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -40,9 +40,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rich.console import Console
+from rich.table import Table
+
 from tristage.config import arg
 from tristage.flops import GPUS, attention_flops_per_token, flops_per_token, matmul_params
 from tristage.model.gpt import ModelConfig
+from tristage.model.hf import read_config
 
 ADAMW_BYTES_PER_PARAM = 16
 CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
@@ -123,8 +127,6 @@ def activation_bytes_per_token(cfg: ModelConfig) -> float:
 def resolve_model(cfg: Config) -> ModelConfig | None:
     """The model shape the flags describe; None when only --params (or nothing) is given."""
     if cfg.model:
-        from tristage.model.hf import read_config
-
         return read_config(cfg.model)
     if cfg.depth:
         return ModelConfig.from_depth(cfg.depth, cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
@@ -218,8 +220,6 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.json:
         print(json.dumps(p, indent=2))
         return p
-    from rich.console import Console
-    from rich.table import Table
 
     console, hw, b = Console(), p["hardware"], p["budget"]
     hw_s = f"{hw['num_gpus']} x {hw['gpu']} ({hw['peak_flops']:.3g} FLOP/s) at MFU {hw['mfu']:.0%}"

@@ -32,7 +32,7 @@ Choices, and why:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,11 +41,13 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from tristage.data.chat import render
+from tristage.data.records import prompt_messages
 from tristage.model.gpt import GPT
 from tristage.model.hf import load_model
+from tristage.model.score import per_row
+from tristage.serve.detok import response_text
 from tristage.serve.engine import Engine, SamplingParams
-from tristage.serve.generate import response_text
-from tristage.serve.score import encode_for_reward, score_texts
 from tristage.tokenizer import Tokenizer
 
 __all__ = ["ChatModel", "Rollout", "batch_logprobs", "completion_logprobs", "encode_for_reward", "load_chat_model",
@@ -187,6 +189,86 @@ def completion_logprobs(model: Any, prompts: Sequence[Sequence[int]], completion
 
 
 # ----------------------------------------------------------------------------- reward
+# ----------------------------------------------------------------------------- reward scores of texts
+def _encode(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str,
+            max_len: int) -> tuple[list[int], bool]:
+    """(ids, truncated): see encode_for_reward."""
+    ids, mask = render(tokenizer, prompt_messages(prompt) + [{"role": "assistant", "content": response}])
+    last = max((t for t, m in enumerate(mask) if m), default=-1)
+    if last < 0:
+        raise ValueError("the response has no tokens in the chat template's assistant mask")
+    ids = ids[:last + 1]
+    if len(ids) > max_len:
+        return ids[len(ids) - max_len:], True
+    return ids, False
+
+
+def encode_for_reward(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str, max_len: int, *,
+                      with_flag: bool = False) -> list[int] | tuple[list[int], bool]:
+    """Token ids a reward model scores: chat.render(prompt messages + [assistant response]) cut right after the
+    last assistant token (its end-of-turn token); over max_len, the first tokens are dropped (the end is kept).
+    with_flag: (ids, whether it was cut)."""
+    ids, cut = _encode(tokenizer, prompt, response, max_len)
+    return (ids, cut) if with_flag else ids
+
+
+@torch.no_grad()
+def score_ids(rm: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
+              on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Scores [N, num_labels] (fp32, on the CPU, in input order) of already encoded sequences: length-sorted,
+    right-padded batches, each read at its last real token. on_batch(n) is called after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_labels = rm.score.weight.shape[0]
+    out = torch.empty(len(ids), n_labels)
+    if not ids:
+        return out
+    dev = next(rm.parameters()).device
+    training = rm.training
+    rm.eval()
+    try:
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            T = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), T), pad_id, dtype=torch.long)
+            for b, i in enumerate(idx):
+                x[b, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+            last = torch.tensor([len(ids[i]) - 1 for i in idx])
+            out[idx] = rm(x.to(dev), at=per_row(last.to(dev))).float().cpu()
+            if on_batch is not None:
+                on_batch(len(idx))
+    finally:
+        rm.train(training)
+    return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id right-padded batches use: the pad token, else end-of-text, else 0 (reads never look there)."""
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0  # any id: the head reads at last_index
+
+
+def score_texts(rm: Any, tokenizer: Any, prompts: Sequence[str | Sequence[dict[str, str]]],
+                responses: Sequence[str], batch_size: int = 16, max_len: int = 1024, *,
+                stats: dict[str, int] | None = None, on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Reward-model scores [N, num_labels] of each (prompt, response), rendered by `encode_for_reward`;
+    `rm.combine(scores)` gives the one scalar per response. max_len is capped at the model's
+    max_position_embeddings. If `stats` is given, stats["truncated"] is increased by the number of sequences cut."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    limit = min(max_len, rm.config.max_position_embeddings)
+    ids, cut = [], 0
+    for p, r in zip(prompts, responses):
+        x, truncated = _encode(tokenizer, p, r, limit)
+        ids.append(x)
+        cut += truncated
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + cut
+    return score_ids(rm, ids, pad_id(tokenizer), batch_size, on_batch)
+
+
 def reward_scores(rm: Any, tokenizer: Any, prompts: Sequence[str | Messages], responses: Sequence[str],
                   batch_size: int = 16, max_len: int = 1024, *, stats: dict[str, int] | None = None) -> Tensor:
     """The reward model's one scalar [N] per (prompt, response): `rm.combine` of `score_texts` (the reward stage's

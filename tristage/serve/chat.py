@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from tristage.config import arg
+from tristage.rollout import load_chat_model
+from tristage.serve.detok import stream_text
+from tristage.serve.engine import Engine, SamplingParams
 
 
 @dataclass
@@ -33,9 +35,6 @@ class Config:
 
 def chat_loop(model, tok, params, system: str | None, stdin: TextIO, stdout: TextIO) -> list[dict[str, str]]:
     """Run the chat until /exit or end of input; returns the final history."""
-    from tristage.serve.detok import stream_text
-    from tristage.serve.engine import Engine
-
     engine = Engine(model)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     generator = torch.Generator(next(model.parameters()).device).manual_seed(params.seed or 0)
@@ -70,19 +69,13 @@ def chat_loop(model, tok, params, system: str | None, stdin: TextIO, stdout: Tex
 
 
 def main(cfg: Config) -> int:
-    from tristage.model.hf import load_model
-    from tristage.serve.engine import SamplingParams
-    from tristage.serve.generate import stop_ids
-    from tristage.tokenizer import Tokenizer
-
-    folder = Path(cfg.model)
-    tok = Tokenizer.load(folder)
-    if not tok.chat_template:
-        raise SystemExit(f"{folder}: the tokenizer has no chat template; use `tristage generate` for a base model")
-    model = load_model(folder, device=cfg.device, dtype=torch.float32)
+    try:
+        chat = load_chat_model(cfg.model, device=cfg.device, dtype=torch.float32)
+    except ValueError as e:
+        raise SystemExit(f"{e}; use `tristage generate` for a base model") from None
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, stop_ids=stop_ids(tok, folder), seed=cfg.seed)
-    print(f"chatting with {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params); "
+                            top_p=cfg.top_p, stop_ids=chat.stop_ids, seed=cfg.seed)
+    print(f"chatting with {cfg.model} ({sum(p.numel() for p in chat.model.parameters()) / 1e6:.1f}M params); "
           "/reset, /system TEXT, /exit")
-    chat_loop(model, tok, params, cfg.system, sys.stdin, sys.stdout)
+    chat_loop(chat.model, chat.tokenizer, params, cfg.system, sys.stdin, sys.stdout)
     return 0

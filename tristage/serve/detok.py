@@ -65,3 +65,8 @@ def stream_text(tokenizer: Any, events: Iterable[tuple[int, str | None]]) -> Ite
             yield text + decoder.flush(), reason
         elif text:
             yield text, None
+
+
+def response_text(tok: Any, tokens: list[int], finish_reason: str) -> str:
+    """The text of a finished generation: special tokens skipped, the stop token (last, when it stopped) left out."""
+    return tok.decode(tokens[:-1] if finish_reason == "stop" else tokens, skip_special_tokens=True)

@@ -14,10 +14,8 @@ Prompts are batched by length (less padding) and written back in input order.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +23,10 @@ import torch
 from tristage.config import arg
 from tristage.data.records import prompt_messages
 from tristage.io import DataError, read_jsonl, write_jsonl
+from tristage.rollout import load_chat_model
+from tristage.runtime import progress, resolve_dtype
+from tristage.serve.detok import response_text, stream_text
+from tristage.serve.engine import Engine, SamplingParams
 
 
 @dataclass
@@ -48,15 +50,6 @@ class Config:
     compile: bool = arg(False, help="torch.compile the decode step (pays off for long JSONL runs only)")
 
 
-def stop_ids(tok: Any, folder: Path) -> list[int]:
-    ids = list(tok.stop_ids)
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return list(dict.fromkeys(ids))
-
-
 def encode_prompt(tok: Any, prompt: str | None, messages: list[dict] | None, chat: bool) -> list[int]:
     if messages is None and chat:
         messages = [{"role": "user", "content": prompt}]
@@ -67,10 +60,6 @@ def encode_prompt(tok: Any, prompt: str | None, messages: list[dict] | None, cha
     if not ids:  # an empty prompt starts a new document
         ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
     return list(ids)
-
-
-def response_text(tok: Any, tokens: list[int], finish_reason: str) -> str:
-    return tok.decode(tokens[:-1] if finish_reason == "stop" else tokens, skip_special_tokens=True)
 
 
 def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -91,24 +80,17 @@ def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def main(cfg: Config) -> int:
-    from tristage.model.hf import load_model
-    from tristage.runtime import progress, resolve_dtype
-    from tristage.serve.detok import stream_text
-    from tristage.serve.engine import Engine, SamplingParams
-    from tristage.tokenizer import Tokenizer
-
     if (cfg.prompt is None) == (cfg.input is None):
         raise SystemExit("give either --prompt TEXT or --input FILE.jsonl (with --output FILE.jsonl)")
     if cfg.input is not None and cfg.output is None:
         raise SystemExit("--input needs --output FILE.jsonl")
     rows = read_prompts(cfg.input) if cfg.input else []  # validate the whole file before loading the model
     device = torch.device(cfg.device)
-    folder = Path(cfg.model)
-    tok = Tokenizer.load(folder)
-    model = load_model(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    engine = Engine(model, compile=cfg.compile)
+    chat = load_chat_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device), require_template=False)
+    tok = chat.tokenizer
+    engine = Engine(chat.model, compile=cfg.compile)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, stop_ids=stop_ids(tok, folder), seed=cfg.seed)
+                            top_p=cfg.top_p, stop_ids=chat.stop_ids, seed=cfg.seed)
 
     if cfg.prompt is not None:  # stream to the terminal, printing only whole characters
         ids = encode_prompt(tok, cfg.prompt, None, cfg.chat)

@@ -20,7 +20,7 @@ Choices, and why:
   tristage.data.chat.render(tokenizer, prompt messages + [assistant response]) with the RM folder's own tokenizer
   and chat template, ids cut right after the last token of the loss mask (the response's end-of-turn token,
   where the head reads), batches right-padded with tokenizer.pad_id, last_index = that token
-  (`encode_for_reward`, `score_texts`: the `label` command and the RL stages import them).
+  (`encode_for_reward`, `score_texts` in tristage/rollout.py, which the judges and the RL stages use).
 - Too long: the ids keep their end and lose tokens from the left (the response and its end-of-turn token are
   what is scored; the start of a long prompt matters least). The limit is min(--max-len, the model's
   max_position_embeddings); truncated records are counted and printed.
@@ -35,18 +35,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
-from torch import Tensor
 
 from tristage.config import arg
 from tristage.data.records import prompt_field, prompt_messages
 from tristage.io import DataError, read_jsonl, write_jsonl
-from tristage.model.score import per_row
+from tristage.model.score import load_reward_model
+from tristage.rollout import encode_for_reward, pad_id, score_ids, score_texts  # noqa: F401 (score_texts: re-exported)
+from tristage.runtime import progress, resolve_dtype
+from tristage.tokenizer import Tokenizer
 
 
 @dataclass
@@ -66,90 +68,11 @@ class Config:
     progress: bool = arg(True, help="show a progress bar")
 
 
-# ----------------------------------------------------------------------------- rendering
-def _encode(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str,
-            max_len: int) -> tuple[list[int], bool]:
-    from tristage.data.chat import render
-
-    ids, mask = render(tokenizer, prompt_messages(prompt) + [{"role": "assistant", "content": response}])
-    last = max((t for t, m in enumerate(mask) if m), default=-1)
-    if last < 0:
-        raise ValueError("the response has no tokens in the chat template's assistant mask")
-    ids = ids[:last + 1]
-    if len(ids) > max_len:
-        return ids[len(ids) - max_len:], True
-    return ids, False
-
-
-def encode_for_reward(tokenizer: Any, prompt: str | Sequence[dict[str, str]], response: str,
-                      max_len: int) -> list[int]:
-    """Token ids a reward model scores: chat.render(prompt messages + [assistant response]) cut right after the
-    last assistant token (its end-of-turn token); over max_len, the first tokens are dropped (the end is kept)."""
-    return _encode(tokenizer, prompt, response, max_len)[0]
-
-
-@torch.no_grad()
-def score_ids(rm: Any, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
-              on_batch: Callable[[int], None] | None = None) -> Tensor:
-    """Scores [N, num_labels] (fp32, on the CPU, in input order) of already encoded sequences: length-sorted,
-    right-padded batches, each read at its last real token. on_batch(n) is called after each batch."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_labels = rm.score.weight.shape[0]
-    out = torch.empty(len(ids), n_labels)
-    if not ids:
-        return out
-    dev = next(rm.parameters()).device
-    training = rm.training
-    rm.eval()
-    try:
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            T = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), T), pad_id, dtype=torch.long)
-            for b, i in enumerate(idx):
-                x[b, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-            last = torch.tensor([len(ids[i]) - 1 for i in idx])
-            out[idx] = rm(x.to(dev), at=per_row(last.to(dev))).float().cpu()
-            if on_batch is not None:
-                on_batch(len(idx))
-    finally:
-        rm.train(training)
-    return out
-
-
-def _pad_id(tokenizer: Any) -> int:
-    if tokenizer.pad_id is not None:
-        return tokenizer.pad_id
-    return tokenizer.eos_id if tokenizer.eos_id is not None else 0  # any id: the head reads at last_index
-
-
-def score_texts(rm: Any, tokenizer: Any, prompts: Sequence[str | Sequence[dict[str, str]]],
-                responses: Sequence[str], batch_size: int = 16, max_len: int = 1024, *,
-                stats: dict[str, int] | None = None, on_batch: Callable[[int], None] | None = None) -> Tensor:
-    """Reward-model scores [N, num_labels] of each (prompt, response), rendered by `encode_for_reward`;
-    `rm.combine(scores)` gives the one scalar per response. max_len is capped at the model's
-    max_position_embeddings. If `stats` is given, stats["truncated"] is increased by the number of sequences cut."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    limit = min(max_len, rm.config.max_position_embeddings)
-    ids, cut = [], 0
-    for p, r in zip(prompts, responses):
-        x, truncated = _encode(tokenizer, p, r, limit)
-        ids.append(x)
-        cut += truncated
-    if stats is not None:
-        stats["truncated"] = stats.get("truncated", 0) + cut
-    return score_ids(rm, ids, _pad_id(tokenizer), batch_size, on_batch)
-
-
 # ----------------------------------------------------------------------------- the command
 def read_records(path: str, tokenizer: Any, max_len: int) -> tuple[list[dict[str, Any]], list[list[int]],
                                                                     list[tuple[int, str]], int]:
     """(records, encoded sequences, (record index, "response" | "chosen" | "rejected") per sequence, truncated);
     a bad record raises DataError with its file, line and field."""
-    import jinja2
 
     records, seqs, where, truncated = [], [], [], 0
     for line, obj in read_jsonl(path):
@@ -169,7 +92,7 @@ def read_records(path: str, tokenizer: Any, max_len: int) -> tuple[list[dict[str
             if not isinstance(value, str):
                 raise DataError(path, line, f"expected text, got {type(value).__name__}", f)
             try:
-                ids, cut = _encode(tokenizer, obj[key], value, max_len)
+                ids, cut = encode_for_reward(tokenizer, obj[key], value, max_len, with_flag=True)
             except (ValueError, jinja2.TemplateError) as e:  # special tokens in the text, or the template refused
                 raise DataError(path, line, str(e), f) from None
             seqs.append(ids)
@@ -187,10 +110,6 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    from tristage.model.score import load_reward_model
-    from tristage.runtime import progress, resolve_dtype
-    from tristage.tokenizer import Tokenizer
-
     folder = Path(cfg.rm)
     if not (folder / "config.json").exists():
         raise SystemExit(f"{folder}: no config.json (expected a reward model folder)")
@@ -207,7 +126,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     with progress(cfg.progress) as bar:
         task = bar.add_task("score", total=len(seqs), info="")
-        scores = score_ids(rm, seqs, _pad_id(tok), cfg.batch_size, lambda n: bar.update(task, advance=n))
+        scores = score_ids(rm, seqs, pad_id(tok), cfg.batch_size, lambda n: bar.update(task, advance=n))
     combined = rm.combine(scores).tolist()
     per_label = scores.tolist()
 

@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 from tristage.config import arg
-from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
+from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout, PairLoader, load_pair_splits, pair_collator
 from tristage.io import atomic_write_bytes
+from tristage.model.hf import load_model
 from tristage.rollout import batch_logprobs
 from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
@@ -116,7 +117,6 @@ def reference_tables(cfg: Config, s: loop.Session, model, train: list, val: list
     """[pairs, 2] reference log-probs of the train and validation pairs: read back from out/reference_logps.pt
     when its key matches (same reference weights, pairs and precision), else computed once (each rank its share
     of the pairs, summed across ranks) and cached."""
-    from tristage.model.hf import load_model
 
     cache = s.out / "reference_logps.pt"
     key = reference_key(cfg.ref_model or cfg.model, train, val, s.dtype)
@@ -173,8 +173,6 @@ def evaluate(model, batches: list[tuple[list[int], dict]], ref: torch.Tensor | N
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
-
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), not {cfg.label_smoothing}")
     s = loop.start(cfg, "dpo")

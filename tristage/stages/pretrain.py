@@ -32,10 +32,13 @@ from typing import Literal
 
 import torch
 
-from tristage.config import arg
+from tristage.config import arg, parse
+from tristage.data.pretrain import TokenLoader, load_meta
 from tristage.flops import flops_per_token, peak_flops
 from tristage.model.gpt import GPT, ModelConfig, build_model
 from tristage.model.hf import load_model
+from tristage.serve.engine import Engine, SamplingParams
+from tristage.tokenizer import Tokenizer
 from tristage.train import loop
 from tristage.train.loop import lm_loss_sum
 
@@ -70,8 +73,6 @@ class Config(loop.TrainConfig):
 
 
 def parse_args(argv: list[str]) -> Config:
-    from tristage.config import parse
-
     return parse(Config, argv)
 
 
@@ -88,7 +89,6 @@ def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
 
 def write_samples(model: GPT, tokenizer, prompts: list[str], step: int, path: Path, max_new_tokens: int = 64) -> None:
     """Greedy continuations of the prompts, appended to samples.jsonl."""
-    from tristage.serve.engine import Engine, SamplingParams
 
     engine = Engine(model)
     outs = engine.generate([tokenizer.encode(p) for p in prompts],
@@ -109,9 +109,6 @@ def build(cfg: Config, s: loop.Session, vocab_size: int) -> GPT:
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.pretrain import TokenLoader, load_meta
-    from tristage.tokenizer import Tokenizer
-
     s = loop.start(cfg, "pretrain")
     load_meta(cfg.data)  # fails early, naming the folder, if it is not a finished `tristage prepare` output
     tok_path = cfg.tokenizer or str(Path(cfg.data) / "tokenizer")

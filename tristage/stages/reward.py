@@ -38,8 +38,9 @@ from typing import Literal
 import torch
 
 from tristage.config import arg
-from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout
-from tristage.model.score import per_row
+from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout, PairLoader, load_pair_splits, pair_collator
+from tristage.model.hf import load_model
+from tristage.model.score import from_causal_lm, is_reward_folder, load_reward_model, per_row, save_reward_model
 from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
 from tristage.train import loop
@@ -155,8 +156,6 @@ def evaluate(model, rm, batches: list[dict], device, dtype, d=None) -> dict:
 def build(cfg: Config, s: loop.Session, train: list, attributes: list[str]):
     """The reward model: the checkpoint being resumed > a reward-model folder (same heads) > a causal LM with a
     fresh score head (one output, plus one per attribute when the pairs carry ratings)."""
-    from tristage.model.hf import load_model
-    from tristage.model.score import from_causal_lm, is_reward_folder, load_reward_model
 
     heads = {"on": bool(attributes), "off": False, "auto": any(e.ratings for e in train) and bool(attributes)}
     if cfg.attribute_heads == "on" and not attributes:
@@ -176,9 +175,6 @@ def build(cfg: Config, s: loop.Session, train: list, attributes: list[str]):
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
-    from tristage.model.score import save_reward_model
-
     s = loop.start(cfg, "reward")
     tokenizer = loop.chat_tokenizer(cfg.model)
     if tokenizer.pad_id is None or tokenizer.pad_id in set(tokenizer.stop_ids):

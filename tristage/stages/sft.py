@@ -30,6 +30,8 @@ from functools import partial
 from typing import Literal
 
 from tristage.config import arg
+from tristage.data.chat import ChatLoader, encode_conversations, format_skipped, load_conversations
+from tristage.data.records import load_all, split_train_val
 from tristage.train import loop
 
 
@@ -51,8 +53,6 @@ class Config(loop.FinetuneConfig, loop.LoRAArgs):
 
 def load_chats(cfg: Config, tokenizer):
     """(train examples, val examples, messages printed about what was skipped or truncated)."""
-    from tristage.data.chat import encode_conversations, format_skipped, load_conversations
-    from tristage.data.records import load_all, split_train_val
 
     if not cfg.data:
         raise ValueError("sft: no --data given")
@@ -73,8 +73,6 @@ def load_chats(cfg: Config, tokenizer):
 
 
 def main(cfg: Config) -> dict:
-    from tristage.data.chat import ChatLoader
-
     s = loop.start(cfg, "sft")
     tokenizer = loop.chat_tokenizer(cfg.model)
     train, val, notes = load_chats(cfg, tokenizer)

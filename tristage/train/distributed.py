@@ -21,6 +21,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 Parallel = Literal["ddp", "fsdp"]
 
@@ -61,12 +69,8 @@ def wrap(model: nn.Module, d: Dist, parallel: Parallel) -> nn.Module:
     if not d.enabled:
         return model
     if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -107,24 +111,18 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
 def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU (collective under FSDP: every rank must call it)."""
     if d.enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def full_optim_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> dict:
     if d.enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
 
 def load_optim_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist) -> None:
     if d.enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True,
                                                                              broadcast_from_rank0=False))
     else:

@@ -12,8 +12,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
 from tristage.config import arg
 from tristage.io import DataError, read_jsonl, write_jsonl
+from tristage.world.data import generate
 from tristage.world.gold import ATTRIBUTES, score
 
 
@@ -44,8 +49,6 @@ class ScoreConfig:
 
 
 def generate_main(cfg: GenerateConfig) -> int:
-    from tristage.world.data import generate
-
     for name in ("n_stories", "n_sft", "n_pref", "n_eval"):
         if getattr(cfg, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
@@ -69,8 +72,6 @@ def generate_main(cfg: GenerateConfig) -> int:
     if cfg.quiet:
         summary = generate(cfg.out, **kw)
     else:
-        from rich.progress import Progress
-
         total = cfg.n_eval + cfg.n_stories + cfg.n_sft + cfg.n_pref
         with Progress(transient=True) as bar:
             task = bar.add_task("generating the world", total=total)
@@ -82,9 +83,6 @@ def generate_main(cfg: GenerateConfig) -> int:
 
 
 def _print_summary(out: Path, s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"demo world (seed {s['seed']}) -> {out}")
     for col in ("file", "size", "rows"):
         t.add_column(col)
@@ -144,8 +142,6 @@ def score_main(cfg: ScoreConfig) -> int:
     overall = sum(r["score"]["overall"] for r in rows) / max(1, len(rows))
     if cfg.quiet:
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     t = Table(title=f"gold scores of {cfg.file} ({len(rows)} rows)")
     t.add_column("attribute")
