@@ -12,6 +12,10 @@ import importlib
 import os
 import sys
 
+from tristage import __version__
+from tristage.config import parse
+from tristage.io import DataError
+
 # name -> (target "module:ConfigClass:function", one-line help); a dict value is a command group.
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     "tokenizer": ("tristage.tokenizer:TrainConfig:train_main", "train a byte-level BPE tokenizer on text files"),
@@ -63,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str] | None) -> int:
-    from tristage.config import parse
-
     argv = list(sys.argv[1:] if argv is None else argv)
     table: dict = COMMANDS
     prefix = "tristage"
@@ -73,8 +75,6 @@ def _dispatch(argv: list[str] | None) -> int:
             print(_usage(prefix, table))
             return 0
         if argv[0] == "--version":
-            from tristage import __version__
-
             print(__version__)
             return 0
         name = argv.pop(0)
@@ -89,7 +89,6 @@ def _dispatch(argv: list[str] | None) -> int:
         cfg_cls, fn, mod = _load(entry[0])
         desc = (mod.__doc__ or entry[1]).strip()
         cfg = parse(cfg_cls, argv, prog=prefix, description=desc)
-        from tristage.io import DataError
 
         try:
             result = fn(cfg)

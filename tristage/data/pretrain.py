@@ -42,6 +42,7 @@ import itertools
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from tristage.config import arg, to_dict
 from tristage.io import DataError, open_text, read_jsonl, write_json
@@ -89,7 +91,7 @@ def read_documents(path: str, text_field: str = "text", separator: str = EOT) ->
             yield text
     elif kind == "parquet":
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional: only parquet corpora need it
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         pf = pq.ParquetFile(path)
@@ -192,7 +194,6 @@ class PrepareConfig:
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Write the shards and meta.json under cfg.out; returns the meta dict."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     if not 0 <= cfg.val_fraction < 1 or cfg.val_docs < 0 or cfg.shard_tokens < 1:
         raise ValueError("need 0 <= --val-fraction < 1, --val-docs >= 0 and --shard-tokens >= 1")
@@ -290,7 +291,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
 
 
 def prepare_main(cfg: PrepareConfig) -> int:
-    import time
 
     t0 = time.perf_counter()
     try:

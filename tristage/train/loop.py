@@ -50,7 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tristage.config import arg, save_config, to_dict
+from tristage.model.hf import load_model, save_model
+from tristage.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from tristage.runtime import autocast, progress, resolve_dtype, rng_state, seed_everything, set_rng_state, to_device
+from tristage.tokenizer import Tokenizer
 from tristage.train import distributed as dist
 from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
 
@@ -161,8 +164,6 @@ def start(cfg: Any, stage: str) -> Session:
 
 def chat_tokenizer(folder: str | os.PathLike) -> Any:
     """The tokenizer of a model folder, which must carry a chat template (every stage after pre-training)."""
-    from tristage.tokenizer import Tokenizer  # tokenizers + jinja2: only where a stage needs them
-
     tokenizer = Tokenizer.load(folder)
     if not tokenizer.chat_template:
         raise ValueError(f"{folder}: the tokenizer has no chat_template; add one to tokenizer_config.json")
@@ -171,7 +172,6 @@ def chat_tokenizer(folder: str | os.PathLike) -> Any:
 
 def load_policy(s: Session) -> nn.Module:
     """The causal LM to train, in fp32: the checkpoint being resumed (full fine-tuning), else cfg.model."""
-    from tristage.model.hf import load_model
 
     resume_full = s.state is not None and not s.lora
     return load_model(s.ckpt if resume_full else s.cfg.model, device=s.device, dtype=torch.float32)
@@ -181,7 +181,6 @@ def add_lora(s: Session, model: nn.Module) -> None:
     """With --lora-rank > 0: fresh adapters (seeded), or the resumed run's adapters; otherwise nothing."""
     if not s.lora:
         return
-    from tristage.model.lora import LoRAConfig, apply_lora, load_adapter
 
     if s.state is not None:
         load_adapter(model, s.ckpt, trainable=True)
@@ -339,7 +338,6 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
     """Write the checkpoint of step `step` atomically: the model folder with training_state.pt beside the weights
     (or, with LoRA, the adapter folder, plus the merged model folder when `final`). `save_fn` writes the model
     folder (default: a causal LM's); `state` and `meta` add keys to training_state.pt and tristage.json."""
-    from tristage.model.hf import save_model
 
     training_state = {"step": step, **(state or {}), "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
                       "loader": loader.state_dict(), "rng": rng_state()}
@@ -348,7 +346,6 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
         info = {"stage": s.stage, "parent": parent, "step": step, **(meta or {}), "config": to_dict(s.cfg),
                 "metrics": metrics}
         if s.lora:
-            from tristage.model.lora import merge_lora, save_adapter
 
             save_adapter(t.model, s.ckpt, base_model_path=s.cfg.model, training_state=training_state)
             if final:
@@ -384,7 +381,7 @@ class MetricsLog:
             self.path.unlink()
         self.fh = open(self.path, "a")
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard may not be installed
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
         except Exception:  # tensorboard not installed: jsonl only
