@@ -24,8 +24,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
 
+# ruff check only: the code keeps its compact hand-wrapped layout (continuation lines aligned under the opening
+# bracket), which a formatter would spread over about 11% more lines; ruff check's rules (E, F, W, I, UP, B)
+# are what CI enforces.
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_generate.py
