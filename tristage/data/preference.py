@@ -54,6 +54,7 @@ from typing import Any, Literal
 import jinja2
 import torch
 
+from tristage.config import arg
 from tristage.data.chat import IGNORE, render
 from tristage.data.position import advance, resume_position
 from tristage.data.records import (
@@ -435,6 +436,18 @@ PAIR_LAYOUT_HELP = ("how pairs become rows: packed = each pair's prompt once, th
                     "masked from the chosen one), several pairs per row up to the longest pair's length; shared = "
                     "the same with one pair per row; rows = a row per answer. All three give the same log-probs "
                     "and scores")
+
+
+@dataclass(kw_only=True)
+class PairDataArgs:
+    """The command-line fields of a stage that trains on preference pairs (reward, dpo)."""
+
+    data: list[str] = arg([], help="preference pairs: JSONL/JSON of prompt|messages + chosen + rejected, or the "
+                                   "Anthropic HH, long-form-QA or PandaLM shapes (.gz ok)")
+    val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
+    system_prompt: str | None = arg(None, help="system message for prompts that have none")
+    layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
+    max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
 
 
 def pair_collator(layout: PairLayout):

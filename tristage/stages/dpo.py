@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from tristage.config import arg
-from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout, PairLoader, load_pair_splits, pair_collator
+from tristage.data.preference import PairDataArgs, PairLoader, load_pair_splits, pair_collator
 from tristage.io import atomic_write_bytes
 from tristage.model.hf import load_model
 from tristage.rollout import batch_logprobs
@@ -55,23 +55,17 @@ from tristage.train.losses import REFERENCE_FREE, LossType, dpo_loss
 
 
 @dataclass(kw_only=True)
-class Config(loop.FinetuneConfig, loop.LoRAArgs):
+class Config(PairDataArgs, loop.FinetuneConfig, loop.LoRAArgs):
     """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO, ORPO) on preference pairs."""
 
     model: str = arg(help="starting policy folder (usually the SFT model; also the reference)", positional=True)
-    data: list[str] = arg([], help="preference pairs: JSONL/JSON of prompt|messages + chosen + rejected, or the "
-                                   "Anthropic HH, long-form-QA or PandaLM shapes (.gz ok)")
-    val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
     out: str = arg("runs/dpo", help="run folder: config.yaml, metrics.jsonl, reference_logps.pt, model/")
     ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
-    layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
     loss: LossType = arg("sigmoid", help="sigmoid (DPO; with --label-smoothing: conservative DPO) | ipo | "
                                          "simpo (reference-free) | orpo (reference-free, with an SFT term)")
     beta: float = arg(0.1, help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
     label_smoothing: float = arg(0.0, help="assumed label-noise rate for conservative DPO / SimPO (0..0.5)")
     gamma: float = arg(0.5, help="SimPO target reward margin")
-    system_prompt: str | None = arg(None, help="system message for prompts that have none")
-    max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(8, help="pairs per micro-batch per process")
     lr: float = arg(5e-6, help="peak learning rate (small: DPO moves a model quickly; LoRA wants ~10x more)")
 

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from tristage.config import arg
-from tristage.data.preference import PAIR_LAYOUT_HELP, PairLayout, PairLoader, load_pair_splits, pair_collator
+from tristage.data.preference import PairDataArgs, PairLoader, load_pair_splits, pair_collator
 from tristage.model.hf import load_model
 from tristage.model.score import from_causal_lm, is_reward_folder, load_reward_model, per_row, save_reward_model
 from tristage.runtime import autocast, to_device
@@ -48,18 +48,12 @@ from tristage.train.losses import bradley_terry_loss, rating_loss
 
 
 @dataclass(kw_only=True)
-class Config(loop.FinetuneConfig):
+class Config(PairDataArgs, loop.FinetuneConfig):
     """Train a reward model on preference pairs (Bradley-Terry), with optional per-attribute rating heads."""
 
     model: str = arg(help="starting model folder: SFT/base checkpoint, Hugging Face causal LM, or a reward model",
                      positional=True)
-    data: list[str] = arg([], help="preference pairs: JSONL/JSON of prompt|messages + chosen + rejected, or the "
-                                   "Anthropic HH, long-form-QA or PandaLM shapes (.gz ok)")
-    val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
     out: str = arg("runs/reward", help="run folder: config.yaml, metrics.jsonl, model/")
-    system_prompt: str | None = arg(None, help="system message for prompts that have none")
-    layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
-    max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
     batch_size: int = arg(16, help="pairs per micro-batch per process")
     margin_scale: float = arg(0.0, help="margin = scale x (mean normalised rating of chosen - of rejected), >= 0")
     center_coef: float = arg(0.01, help="reward-centering coefficient: + coef * mean((r_c + r_r)^2); 0: off")
