@@ -339,9 +339,9 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
     (or, with LoRA, the adapter folder, plus the merged model folder when `final`). `save_fn` writes the model
     folder (default: a causal LM's); `state` and `meta` add keys to training_state.pt and tristage.json."""
 
+    full = dist.full_state_dict(t.wrapped, s.d)  # collectives under FSDP: every rank calls both, in this order
     training_state = {"step": step, **(state or {}), "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
                       "loader": loader.state_dict(), "rng": rng_state()}
-    full = dist.full_state_dict(t.wrapped, s.d)  # collective under FSDP
     if s.is_main:
         info = {"stage": s.stage, "parent": parent, "step": step, **(meta or {}), "config": to_dict(s.cfg),
                 "metrics": metrics}
