@@ -50,7 +50,14 @@ def open_text(path: str | os.PathLike):
     return open(path, encoding="utf-8")
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """A user's mistake: a bad flag, a missing or unreadable file, a damaged model folder, a bad record. The CLI
+    prints its message as one line, `tristage <command>: <message>`, and exits 2 without a traceback, so the
+    message must name what to fix: the flag (`--lr must be > 0 (got 0.0)`), or the file (and line and field where
+    there is one). Anything else that escapes a command is an internal failure (exit 1)."""
+
+
+class DataError(UserError):
     """A bad input record, located by file, line and field: `file:line: field 'x': reason`, the one error of every
     data reader. A parser of one record raises it unlocated (path None: `field 'x': reason`), and the reader that
     knows the file and line locates it with `at`."""
