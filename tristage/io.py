@@ -18,19 +18,48 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def check_writable(path: str | os.PathLike, *, folder: bool = False, flag: str | None = None) -> None:
+    """Raise UserError naming `path` (and `flag`) unless the output can be written there: a file (or, with
+    `folder`, a folder) that may not exist yet. A probe file is created and deleted in the nearest existing folder
+    on the way (the folders below it are created by the writer), so a read-only or missing permission, or a file
+    where a folder must be, shows before minutes of work instead of after. A disk that fills up later cannot be
+    foreseen: the writers below name the path then."""
+    p = Path(path)
+    what = f"{flag} {p}" if flag else f"{p}"
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{what}: is a file, not a folder")
+    if not folder and p.is_dir():
+        raise UserError(f"{what}: is a folder, not a file")
+    base = p if folder else p.parent
+    near = next(q for q in (base, *base.parents) if q.exists() or q == Path(q.anchor or "."))
+    if not near.is_dir():
+        raise UserError(f"{what}: cannot write here: {near} is a file, not a folder")
     try:
+        fd, probe = tempfile.mkstemp(dir=near, prefix=".tristage-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {near}: {e.strerror or e}") from None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically; an OS error (no permission, a full disk) is a UserError naming the path."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            check_writable(path)  # the precise reason where there is one (a file where a folder must be, ...)
+            raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
         raise
 
 

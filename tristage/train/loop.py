@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tristage.config import arg, save_config, to_dict
+from tristage.io import check_writable
 from tristage.model.hf import load_model, save_model
 from tristage.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from tristage.runtime import autocast, progress, resolve_dtype, rng_state, seed_everything, set_rng_state, to_device
@@ -153,6 +154,7 @@ def start(cfg: Any, stage: str) -> Session:
     dtype = resolve_dtype(cfg.dtype, d.device)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
+    check_writable(out, folder=True, flag="--out")  # before any work: a run that cannot save is lost
     ckpt = out / ("adapter" if getattr(cfg, "lora_rank", 0) > 0 else "model")
     state = None
     if cfg.resume:
