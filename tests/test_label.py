@@ -182,12 +182,12 @@ def test_llm_judge_averages_both_orders(setup, tmp_path):
 
 
 def test_bad_prompt_record_names_file_line_and_field(setup, tmp_path):
-    from tristage.io import DataError
+    from tristage.io import DataError, UserError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     with pytest.raises(DataError) as e:
         label.main(_cfg(setup, tmp_path / "x.jsonl", prompts=str(bad)))
     assert str(e.value).startswith(f"{bad}:2:") and e.value.field == "prompt"
-    with pytest.raises(SystemExit, match="--judge"):
+    with pytest.raises(UserError, match="--judge"):  # a user's mistake: exit 2 through the CLI (was SystemExit)
         label.main(_cfg(setup, tmp_path / "x.jsonl", judge="oracle"))

@@ -43,6 +43,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tristage.data.chat import render
 from tristage.data.records import prompt_messages
+from tristage.io import UserError
 from tristage.model.gpt import GPT
 from tristage.model.hf import load_model
 from tristage.model.score import per_row
@@ -51,8 +52,9 @@ from tristage.serve.engine import Engine, SamplingParams
 from tristage.tokenizer import Tokenizer
 
 __all__ = ["ChatModel", "Rollout", "batch_logprobs", "completion_logprobs", "encode_for_reward", "load_chat_model",
-           "packed_token_logprobs", "reward_scores", "sample_answers", "score_texts", "sequence_logprobs",
-           "stop_ids", "token_logprobs"]
+           "folder_config", "packed_token_logprobs", "policy_tokenizer", "reward_scores",
+           "reward_tokenizer", "sample_answers", "score_texts",
+           "sequence_logprobs", "stop_ids", "token_logprobs"]
 
 Messages = list[dict[str, str]]
 
@@ -78,14 +80,63 @@ class ChatModel:
     stop_ids: list[int]
 
 
+def folder_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's config.json; a UserError names the folder when there is none or it is not JSON."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({e}); the folder is damaged") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: expected a JSON object; the folder is damaged")
+    return hf
+
+
+def _is_reward(hf: dict[str, Any]) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+
+
+def _tokenizer(folder: Path) -> Tokenizer:
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder}: no tokenizer.json (only the fast tokenizer format is supported)")
+    return Tokenizer.load(folder)
+
+
+def policy_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer of a causal-LM folder, read before its weights: a UserError names the folder when it is not a
+    model folder (no or damaged config.json), is a reward model, or has no tokenizer.json."""
+    hf = folder_config(folder)
+    if _is_reward(hf):
+        raise UserError(f"{folder}: a reward model ({hf['architectures'][0]}); a causal language model (a policy) "
+                        "is needed here")
+    return _tokenizer(Path(folder))
+
+
+def reward_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer of a reward-model folder, read before its weights: a UserError names the folder when it is not
+    a model folder, is not a reward model (*ForSequenceClassification), or has no tokenizer.json or chat template
+    (which renders prompt + response)."""
+    hf = folder_config(folder)
+    if not _is_reward(hf):
+        raise UserError(f"{folder}: not a reward model (architectures {hf.get('architectures')}; expected "
+                        "*ForSequenceClassification); start one with `tristage reward`")
+    tok = _tokenizer(Path(folder))
+    if not tok.chat_template:
+        raise UserError(f"{folder}: the tokenizer has no chat_template; it is needed to render prompt + response")
+    return tok
+
+
 def load_chat_model(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                    require_template: bool = True) -> ChatModel:
-    """Load a model folder with its tokenizer and `stop_ids(tokenizer, folder)`. With require_template, a tokenizer
-    without a chat_template raises ValueError before the weights are read."""
+                    require_template: bool = True, tokenizer: Tokenizer | None = None) -> ChatModel:
+    """Load a model folder with its tokenizer (`policy_tokenizer`, unless `tokenizer` is the one already read) and
+    `stop_ids(tokenizer, folder)`. With require_template, a tokenizer without a chat_template raises UserError
+    before the weights are read."""
     folder = Path(folder)
-    tok = Tokenizer.load(folder)
+    tok = tokenizer if tokenizer is not None else policy_tokenizer(folder)
     if require_template and not tok.chat_template:
-        raise ValueError(f"{folder}: the tokenizer has no chat_template (a chat model is needed)")
+        raise UserError(f"{folder}: the tokenizer has no chat_template (a chat model is needed)")
     model = load_model(folder, device=device, dtype=dtype).eval()
     return ChatModel(model, tok, stop_ids(tok, folder))
 

@@ -42,10 +42,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from tristage.io import UserError
 from tristage.model.hf import load_model
 from tristage.model.score import load_reward_model
-from tristage.rollout import reward_scores
-from tristage.tokenizer import Tokenizer
+from tristage.rollout import policy_tokenizer, reward_scores, reward_tokenizer
 from tristage.world import Annotator, Judgement, preference_probability, score
 
 Messages = list[dict[str, str]]
@@ -94,18 +94,21 @@ def load_function(spec: str) -> Callable[[str, list[str]], list[float]]:
     """`module:function` or `path/to/file.py:function` -> the function."""
     mod, _, name = spec.rpartition(":")
     if not mod or not name:
-        raise ValueError(f"python judge {spec!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
-    if mod.endswith(".py"):
-        s = importlib.util.spec_from_file_location(Path(mod).stem, mod)
-        if s is None or s.loader is None:
-            raise ValueError(f"python judge: cannot load {mod}")
-        module = importlib.util.module_from_spec(s)
-        s.loader.exec_module(module)
-    else:
-        module = importlib.import_module(mod)
+        raise UserError(f"--judge python:{spec}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:  # a missing file or module, or one that does not parse, is the user's to fix: no traceback
+        if mod.endswith(".py"):
+            s = importlib.util.spec_from_file_location(Path(mod).stem, mod)
+            if s is None or s.loader is None:
+                raise UserError(f"--judge python:{spec}: cannot load {mod}")
+            module = importlib.util.module_from_spec(s)
+            s.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod)
+    except (ImportError, OSError, SyntaxError) as e:
+        raise UserError(f"--judge python:{spec}: cannot load {mod} ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"python judge: {mod} has no function {name!r}")
+        raise UserError(f"--judge python:{spec}: {mod} has no function {name!r}")
     return fn
 
 
@@ -123,9 +126,9 @@ class PythonJudge:
             try:
                 s = [float(x) for x in s]
             except (TypeError, ValueError):
-                raise ValueError(f"python judge {self.target}: expected a list of numbers, got {s!r:.100}") from None
+                raise UserError(f"python judge {self.target}: expected a list of numbers, got {s!r:.100}") from None
             if len(s) != len(cs) or not all(math.isfinite(x) for x in s):
-                raise ValueError(f"python judge {self.target}: expected {len(cs)} finite scores, got {s!r:.100}")
+                raise UserError(f"python judge {self.target}: expected {len(cs)} finite scores, got {s!r:.100}")
             out.append(s)
         return out
 
@@ -136,9 +139,7 @@ class RewardJudge:
     def __init__(self, spec: str, folder: str | Path, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 16, max_len: int = 1024):
         self.spec, self.stats = spec, {"truncated": 0}
-        self.tok = Tokenizer.load(folder)
-        if not self.tok.chat_template:
-            raise ValueError(f"{folder}: the reward model's tokenizer has no chat_template")
+        self.tok = reward_tokenizer(folder)  # checks the folder (a reward model, a chat template) before its weights
         self.rm = load_reward_model(folder, device=device, dtype=dtype).eval()
         self.batch_size, self.max_len = batch_size, max_len
 
@@ -166,15 +167,15 @@ class LLMJudge:
     def __init__(self, spec: str, folder: str | Path, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 16, max_len: int = 1024):
         self.spec, self.stats = spec, {"truncated": 0}
-        self.tok = Tokenizer.load(folder)
+        self.tok = policy_tokenizer(folder)  # checks the folder (a causal LM) before its weights
         if not self.tok.chat_template:
-            raise ValueError(f"{folder}: the judge's tokenizer has no chat_template")
+            raise UserError(f"{folder}: the judge's tokenizer has no chat_template")
         self.model = load_model(folder, device=device, dtype=dtype).eval()
         self.batch_size = batch_size
         self.max_len = min(max_len, self.model.config.max_position_embeddings)
         a, b = self.tok.encode("A"), self.tok.encode("B")
         if not a or not b or a[0] == b[0]:
-            raise ValueError(f"{folder}: the tokens 'A' and 'B' do not encode to distinct first tokens")
+            raise UserError(f"{folder}: the tokens 'A' and 'B' do not encode to distinct first tokens")
         self.ab = torch.tensor([a[0], b[0]])
 
     def prompt_ids(self, messages: Messages, a: str, b: str) -> list[int]:
@@ -260,4 +261,4 @@ def make_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dt
         return RewardJudge(spec, rest, device, dtype, batch_size, max_len)
     if kind == "llm" and rest:
         return LLMJudge(spec, rest, device, dtype, batch_size, max_len)
-    raise ValueError(f"--judge {spec!r}: expected rm:PATH, gold, world, python:MODULE:FUNCTION or llm:PATH")
+    raise UserError(f"--judge {spec!r}: expected rm:PATH, gold, world, python:MODULE:FUNCTION or llm:PATH")

@@ -18,12 +18,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 import torch
 
 from tristage.config import arg
 from tristage.data.records import prompt_messages
-from tristage.io import DataError, read_jsonl, write_jsonl
-from tristage.rollout import load_chat_model
+from tristage.io import DataError, UserError, check_writable, read_jsonl, write_jsonl
+from tristage.rollout import load_chat_model, policy_tokenizer
 from tristage.runtime import progress, resolve_dtype
 from tristage.serve.detok import response_text, stream_text
 from tristage.serve.engine import Engine, SamplingParams
@@ -79,28 +80,52 @@ def read_prompts(path: str) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def encode_all(tok: Any, rows: list[tuple[int, dict[str, Any]]], chat: bool, path: str) -> list[list[int]]:
+    """Every prompt's ids; a prompt the chat template refuses (or text with special tokens) raises DataError at
+    its file and line."""
+    encoded = []
+    for line, o in rows:
+        try:
+            encoded.append(encode_prompt(tok, o.get("prompt"), o.get("messages"), chat))
+        except (ValueError, jinja2.TemplateError) as e:
+            raise DataError(path, line, str(e), "messages" if "messages" in o else "prompt") from None
+    return encoded
+
+
 def main(cfg: Config) -> int:
     if (cfg.prompt is None) == (cfg.input is None):
-        raise SystemExit("give either --prompt TEXT or --input FILE.jsonl (with --output FILE.jsonl)")
+        raise UserError("give either --prompt TEXT or --input FILE.jsonl (with --output FILE.jsonl)")
     if cfg.input is not None and cfg.output is None:
-        raise SystemExit("--input needs --output FILE.jsonl")
+        raise UserError("--input needs --output FILE.jsonl")
+    if cfg.input is not None:  # before minutes of sampling, not after
+        check_writable(cfg.output, flag="--output")
     rows = read_prompts(cfg.input) if cfg.input else []  # validate the whole file before loading the model
+    if cfg.input is not None and not rows:
+        raise UserError(f"{cfg.input}: no prompts (0 records)")
+    tok = policy_tokenizer(cfg.model)
+    if (cfg.chat or any("messages" in o for _, o in rows)) and not tok.chat_template:
+        raise UserError(f"{cfg.model}: the tokenizer has no chat_template (needed by --chat and `messages` lines)")
+    if cfg.prompt is not None:
+        try:
+            ids = encode_prompt(tok, cfg.prompt, None, cfg.chat)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise UserError(f"--prompt: {e}") from None
+    else:  # every prompt rendered before the weights are read: a refused one stops the run here
+        encoded = encode_all(tok, rows, cfg.chat, cfg.input)
     device = torch.device(cfg.device)
-    chat = load_chat_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device), require_template=False)
-    tok = chat.tokenizer
+    chat = load_chat_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device), require_template=False,
+                           tokenizer=tok)
     engine = Engine(chat.model, compile=cfg.compile)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, stop_ids=chat.stop_ids, seed=cfg.seed)
 
     if cfg.prompt is not None:  # stream to the terminal, printing only whole characters
-        ids = encode_prompt(tok, cfg.prompt, None, cfg.chat)
         for text, _ in stream_text(tok, engine.stream(ids, params)):
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
 
-    encoded = [encode_prompt(tok, o.get("prompt"), o.get("messages"), cfg.chat) for _, o in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))  # similar lengths together: less padding
     answers: list[dict[str, Any] | None] = [None] * len(rows)
     generator = torch.Generator(device).manual_seed(cfg.seed)

@@ -33,7 +33,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,17 @@ import torch
 
 from tristage.config import arg
 from tristage.data.records import prompt_field, prompt_messages
-from tristage.io import DataError, read_jsonl, write_jsonl
+from tristage.io import DataError, UserError, check_writable, read_jsonl, write_jsonl
 from tristage.model.score import load_reward_model
-from tristage.rollout import encode_for_reward, pad_id, score_ids, score_texts  # noqa: F401 (score_texts: re-exported)
+from tristage.rollout import (  # noqa: F401 (score_texts: re-exported)
+    encode_for_reward,
+    folder_config,
+    pad_id,
+    reward_tokenizer,
+    score_ids,
+    score_texts,
+)
 from tristage.runtime import progress, resolve_dtype
-from tristage.tokenizer import Tokenizer
 
 
 @dataclass
@@ -111,16 +116,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def main(cfg: Config) -> dict[str, Any]:
     folder = Path(cfg.rm)
-    if not (folder / "config.json").exists():
-        raise SystemExit(f"{folder}: no config.json (expected a reward model folder)")
     if cfg.batch_size < 1 or cfg.max_len < 1:
-        raise SystemExit("--batch-size and --max-len must be >= 1")
-    max_pos = json.loads((folder / "config.json").read_text()).get("max_position_embeddings") or cfg.max_len
-    max_len = min(cfg.max_len, int(max_pos))
-    tok = Tokenizer.load(folder)
-    if not tok.chat_template:
-        raise SystemExit(f"{folder}: the tokenizer has no chat_template; it is needed to render prompt + response")
+        raise UserError("--batch-size and --max-len must be >= 1")
+    if cfg.output:  # before minutes of scoring, not after
+        check_writable(cfg.output, flag="--output")
+    tok = reward_tokenizer(folder)  # a reward model folder, with a tokenizer and a chat template
+    max_len = min(cfg.max_len, int(folder_config(folder).get("max_position_embeddings") or cfg.max_len))
     records, seqs, where, truncated = read_records(cfg.file, tok, max_len)  # validate before loading the model
+    if not records:
+        raise UserError(f"{cfg.file}: no records to score (0 records)")
     device = torch.device(cfg.device)
     rm = load_reward_model(folder, device=device, dtype=resolve_dtype(cfg.dtype, device)).eval()
 

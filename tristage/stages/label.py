@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import jinja2
 import torch
 
 from tristage.config import arg
@@ -61,8 +62,8 @@ from tristage.eval.judges import (
     make_judge,
     round_robin,
 )
-from tristage.io import DataError, read_jsonl, write_jsonl
-from tristage.rollout import load_chat_model, sample_answers
+from tristage.io import DataError, UserError, check_writable, read_jsonl, write_jsonl
+from tristage.rollout import load_chat_model, policy_tokenizer, sample_answers
 from tristage.runtime import progress, resolve_dtype
 from tristage.serve.engine import Engine, SamplingParams
 from tristage.world import score
@@ -130,6 +131,16 @@ def read_prompt_file(path: str | Path) -> list[PromptRow]:
     return rows
 
 
+def check_rendering(tokenizer: Any, rows: Sequence[PromptRow], path: str | Path) -> None:
+    """Render every prompt with the chat template (+ generation prompt) before any sampling: a prompt the template
+    refuses raises DataError at its file and line, not after minutes of work on the prompts before it."""
+    for r in rows:
+        try:
+            tokenizer.apply_chat_template(r.messages, add_generation_prompt=True)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise DataError(path, r.line, f"the chat template refuses this prompt: {e}") from None
+
+
 # ----------------------------------------------------------------------------- picking a pair
 def best_vs_worst(judge: ScalarJudge | PairwiseJudge, prompts: Sequence[Messages],
                   candidates: Sequence[list[str]]) -> list[tuple[dict[str, Any] | None, list[float]]]:
@@ -169,20 +180,22 @@ def annotated_pair(judge: AnnotatorJudge, prompt: Messages, candidates: list[str
 # ----------------------------------------------------------------------------- the command
 def main(cfg: Config) -> dict[str, Any]:
     if cfg.num_samples < 2:
-        raise SystemExit("--num-samples must be >= 2 (a pair needs two answers)")
+        raise UserError("--num-samples must be >= 2 (a pair needs two answers)")
     if cfg.batch_size < 1 or cfg.judge_batch_size < 1 or cfg.max_new_tokens < 1:
-        raise SystemExit("--batch-size, --judge-batch-size and --max-new-tokens must be >= 1")
+        raise UserError("--batch-size, --judge-batch-size and --max-new-tokens must be >= 1")
+    check_writable(cfg.out, flag="--out")  # before minutes of sampling, not after
     rows = read_prompt_file(cfg.prompts)[:cfg.limit]
     if not rows:
-        raise SystemExit(f"{cfg.prompts}: no prompts")
+        raise UserError(f"{cfg.prompts}: no prompts")
+    tokenizer = policy_tokenizer(cfg.model)
+    if not tokenizer.chat_template:
+        raise UserError(f"{cfg.model}: the tokenizer has no chat_template (a chat model is needed)")
+    check_rendering(tokenizer, rows, cfg.prompts)
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    try:
-        policy = load_chat_model(cfg.model, device, dtype)
-        judge = make_judge(cfg.judge, device=device, dtype=dtype, batch_size=cfg.judge_batch_size,
-                           max_len=cfg.max_len, annotator_temperature=cfg.annotator_temperature, seed=cfg.seed)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    policy = load_chat_model(cfg.model, device, dtype, tokenizer=tokenizer)
+    judge = make_judge(cfg.judge, device=device, dtype=dtype, batch_size=cfg.judge_batch_size,
+                       max_len=cfg.max_len, annotator_temperature=cfg.annotator_temperature, seed=cfg.seed)
     engine = Engine(policy.model)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, stop_ids=policy.stop_ids)
