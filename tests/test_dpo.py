@@ -100,9 +100,11 @@ def test_reference_cache_is_reused_only_for_the_same_reference_and_pairs(setup, 
     dpo.main(_cfg(setup, run, max_steps=1))
     first = torch.load(run / "reference_logps.pt")
     capsys.readouterr()
-    dpo.main(_cfg(setup, run, max_steps=2, beta=0.5))  # other hyperparameters: reused
+    # a rerun in the same folder starts over (--overwrite: the folder holds the first run's model)
+    dpo.main(_cfg(setup, run, max_steps=2, beta=0.5, overwrite=True))  # other hyperparameters: reused
     assert "reference log-probs from" in capsys.readouterr().out
-    dpo.main(_cfg(setup, run, max_steps=1, data=[str(setup / "val.jsonl")], val_data=[]))  # other pairs: recomputed
+    dpo.main(_cfg(setup, run, max_steps=1, data=[str(setup / "val.jsonl")], val_data=[],
+                  overwrite=True))  # other pairs: recomputed
     assert "reference log-probs from" not in capsys.readouterr().out
     assert torch.load(run / "reference_logps.pt")["key"] != first["key"]
 

@@ -16,7 +16,8 @@ What it runs today, each step a real stage writing its own folder under --out:
                 score, win rate and KL against the SFT model
  10. label      AI feedback: the DPO policy answers training prompts 4 times, the simulated annotator picks,
                 and a second DPO round trains on those pairs: does a round on the policy's own samples help?
-Steps whose output already exists are skipped, so an interrupted demo continues where it stopped.
+Steps whose output already exists are skipped, so an interrupted demo continues where it stopped; a step that
+runs (its output missing, or --fresh) starts its training run over (`overwrite=True`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def preference_steps(cfg: Config, out: Path, world: Path, chat: Path, prompts: P
     if _step("reward", rm / "model" / "tristage.json", cfg.fresh):
         reward.main(reward.Config(model=str(chat / "model"), data=[str(pairs)], val_data=[str(val_pairs)], out=str(rm),
                                   epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_len=cfg.seq_len, seed=cfg.seed,
-                                  eval_every=0, save_every=0))
+                                  eval_every=0, save_every=0, overwrite=True))
     r = report["reward"] = reward_gold_agreement(rm / "model", val_pairs)
     print(f"[demo] reward model on {r['n']} held-out pairs: agrees with the gold scorer {r['reward']:.1%} "
           f"(Bradley-Terry output alone {r['reward_bt']:.1%}); the annotator's own labels {r['annotator']:.1%}")
@@ -108,7 +109,7 @@ def preference_steps(cfg: Config, out: Path, world: Path, chat: Path, prompts: P
             dpo.main(dpo.Config(model=str(start), data=[str(data)], val_data=[str(val_pairs)], out=str(run),
                                 epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, max_len=cfg.seq_len,
                                 label_smoothing=cfg.dpo_label_smoothing,
-                                seed=cfg.seed, eval_every=0, save_every=0))
+                                seed=cfg.seed, eval_every=0, save_every=0, overwrite=True))
         c = compare_to_reference(run / "model", chat / "model", prompts, limit=cfg.eval_prompts, seed=cfg.seed)
         print(f"[demo] {name} vs SFT on {c['n']} held-out prompts: gold {c['gold_reference']:.3f} -> {c['gold']:.3f}, "
               f"win rate {c['win_rate']:.1%} (gold scorer), KL to SFT {c['kl']:.2f} nats/answer, "
@@ -150,7 +151,8 @@ def main(cfg: Config) -> int:
         pretrain.main(pretrain.Config(data=str(shards), out=str(base), depth=cfg.depth, seq_len=cfg.seq_len,
                                       batch_size=cfg.batch_size, max_steps=cfg.pretrain_steps, seed=cfg.seed,
                                       eval_every=max(1, cfg.pretrain_steps // 4), save_every=cfg.pretrain_steps,
-                                      sample_prompts=["The dog sat on the", "Once upon a time, a cat"]))
+                                      sample_prompts=["The dog sat on the", "Once upon a time, a cat"],
+                                      overwrite=True))
     print(f"[demo] samples from the base model ({base / 'samples.jsonl'}):")
     for line in (base / "samples.jsonl").read_text().splitlines()[-2:]:
         rec = json.loads(line)
@@ -165,7 +167,8 @@ def main(cfg: Config) -> int:
     if _step("sft", chat / "model" / "tristage.json", cfg.fresh):
         sft.main(sft.Config(model=str(base / "model"), data=[str(world / "sft" / "train.jsonl")],
                             val_data=[str(world / "sft" / "val.jsonl")], out=str(chat), epochs=cfg.sft_epochs,
-                            lr=cfg.sft_lr, max_len=cfg.seq_len, seed=cfg.seed, eval_every=0, save_every=0))
+                            lr=cfg.sft_lr, max_len=cfg.seq_len, seed=cfg.seed, eval_every=0, save_every=0,
+                            overwrite=True))
     prompts = world / "eval" / "prompts.jsonl"
     for name, folder in (("base", base), ("sft", chat)):
         r = evaluate_chat_model(folder / "model", prompts, limit=cfg.eval_prompts)

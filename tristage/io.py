@@ -132,14 +132,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _siblings(path: Path, kind: str) -> list[Path]:
+    """The `.NAME.{kind}-*` folders beside `path` that atomic_folder leaves while it works, oldest first."""
+    prefix = f".{path.name}.{kind}-"
+    found = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def recover_folder(path: str | os.PathLike) -> str | None:
+    """Finish a folder swap that a kill interrupted, and remove what it left: a complete new folder
+    (`.NAME.new-*`) replaces `path`; with none, a moved-aside old one (`.NAME.old-*`) goes back when `path` is
+    missing; unfinished temporary folders (`.NAME.tmp-*`) are deleted. Returns a sentence saying what was put back,
+    or None when nothing was."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return None
+    note = None
+    new, old = _siblings(path, "new"), _siblings(path, "old")
+    if new:  # written and fsynced in full before it got this name: the newest checkpoint there is
+        if path.exists():
+            os.replace(path, Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-")))
+        os.replace(new[-1], path)
+        note = f"{path}: put back the complete save an interruption left in {new[-1].name}"
+    elif old and not path.exists():
+        os.replace(old[-1], path)
+        note = f"{path}: put back the previous save an interruption left in {old[-1].name}"
+    if path.exists():
+        for p in _siblings(path, "tmp") + _siblings(path, "new") + _siblings(path, "old"):
+            shutil.rmtree(p, ignore_errors=True)
+        _fsync_dir(path.parent)
+    return note
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path` to write into; when the block ends without error, its files
-    are fsynced and it replaces `path` (the old folder is moved aside first, then deleted). On any error,
-    KeyboardInterrupt included, the temporary folder is deleted and `path` is left as it was."""
+    are fsynced and it replaces `path`. On any error, KeyboardInterrupt included, the temporary folder is deleted
+    and `path` is left as it was; after a good save no temporary folder is left beside it (stale ones from earlier
+    interruptions included).
+
+    The swap is renames, each leaving a state `recover_folder` can finish after a kill at any point:
+    `.NAME.tmp-*` (being written) -> `.NAME.new-*` (the name says complete: fsynced before it), then `path` ->
+    `.NAME.old-*`, `.NAME.new-*` -> `path`, then the old folder is deleted. A kill between the last two renames
+    leaves no `path` but a complete new folder (and the old one): recover_folder puts the new one in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tag = tmp.name.rpartition(".tmp-")[2]  # unique (mkdtemp's), so no stale folder of an earlier run is in the way
+    new, old = path.with_name(f".{path.name}.new-{tag}"), path.with_name(f".{path.name}.old-{tag}")
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -147,14 +187,20 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(tmp, new)
+        moved = path.exists()
+        if moved:
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(new, path)
+        except BaseException:
+            if moved and not path.exists():
+                os.replace(old, path)
+            raise
         _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
         raise
+    for p in _siblings(path, "tmp") + _siblings(path, "new") + _siblings(path, "old"):
+        shutil.rmtree(p, ignore_errors=True)

@@ -416,7 +416,8 @@ def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int, pack: boo
             gathers += [(k, o + t, tok, q) for t, tok, q in g]
             last[b], last[B + b] = (k, o + lc), (k, o + lr)
             o += n
-        position_ids[k, o:] = torch.arange(L - o)
+        # padding keeps position 0: its positions are never read (no real token attends to it, its labels are
+        # -100), and counting on from 0 would pass the model's context in a row longer than one sequence
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     same = seg[:, :, None] == seg[:, None, :]  # padding (-1) sees earlier padding only: no empty rows
     crossing = (part[:, :, None] == 2) & (part[:, None, :] == 1)  # rejected query, chosen key
@@ -447,7 +448,8 @@ class PairDataArgs:
     val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
     system_prompt: str | None = arg(None, help="system message for prompts that have none")
     layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
-    max_len: int = arg(512, help="longest prompt + answer in tokens; the prompt is cut from the left (counted)")
+    max_len: int | None = arg(None, help="longest prompt + answer in tokens (default: the model's context, "
+                                         "max_position_embeddings); the prompt is cut from the left (counted)")
 
 
 def pair_collator(layout: PairLayout):

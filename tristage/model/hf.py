@@ -12,6 +12,10 @@ Choices, and why:
   `rope_parameters`. We write the legacy spelling, which every transformers version reads.
 - A save writes a sibling temp folder, fsyncs, then swaps it in with a rename (`tristage.io.atomic_folder`,
   shared with LoRA adapters), so an interrupted save never leaves a half-written checkpoint where a good one was.
+- A folder that cannot be loaded is the user's to fix, so every way it can be wrong is one `UserError` naming the
+  folder or file: no config.json or an unreadable one, a missing key, an unsupported architecture, a missing,
+  empty or truncated weights file, a missing, unexpected or misshapen tensor, non-finite weights (a diverged run
+  must not pass for a model), and a reward model where a language model is expected.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tristage.io import atomic_folder
+from tristage.io import UserError, atomic_folder
 from tristage.model.gpt import GPT, ModelConfig, build_model
 
 FAMILIES = {
@@ -37,8 +41,8 @@ FAMILIES = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class UnsupportedModelError(ValueError):
-    pass
+class UnsupportedModelError(UserError):
+    """A model folder tristage cannot load exactly (an architecture, a feature, weights that do not fit)."""
 
 
 # ----------------------------------------------------------------------------- config translation
@@ -71,8 +75,20 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         problems.append("layer_types other than full_attention")
     if problems:
         raise UnsupportedModelError(f"{source}: {mt} features not supported: " + "; ".join(problems))
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
+    if missing:
+        raise UnsupportedModelError(f"{source}: {', '.join(missing)} missing or not an integer")
     theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
     extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    try:
+        return _model_config(hf, mt, theta, kind, scaling, sliding, extra)
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # values of the wrong type or that do not fit together
+        raise UnsupportedModelError(f"{source}: {e}") from None
+
+
+def _model_config(hf: dict[str, Any], mt: str, theta: Any, kind: str, scaling: dict[str, Any],
+                  sliding: int | None, extra: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -139,7 +155,11 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); the file is damaged "
+                            "or incomplete") from None
         return [folder / n for n in names]
     single = folder / "model.safetensors"
     if single.exists():
@@ -150,23 +170,54 @@ def _weight_files(folder: Path) -> list[Path]:
     if any(folder.glob("*.bin")):
         raise UnsupportedModelError(f"{folder}: only PyTorch .bin weights found; tristage reads safetensors "
                                     "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    raise UserError(f"{folder}: no weights (no model.safetensors or model.safetensors.index.json)")
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """A model folder's config.json as a dict; a missing folder or file, or one that is not a JSON object, is a
+    UserError naming it."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such model folder" if not folder.exists() else f"{folder}: not a folder")
+    if not path.is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not readable JSON ({e}); the file is damaged or incomplete") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def is_score_config(hf: dict[str, Any]) -> bool:
+    """Whether a config.json dict is a score (reward) model's: *ForSequenceClassification."""
+    archs = hf.get("architectures") or []
+    return isinstance(archs, list) and any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+                                           for a in archs)
 
 
 def read_config(folder: str | os.PathLike) -> ModelConfig:
-    path = Path(folder) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
-    return config_from_hf(json.loads(path.read_text()), source=str(path))
+    return config_from_hf(read_hf_config(folder), source=str(Path(folder) / "config.json"))
 
 
 def read_tensors(folder: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder's safetensors file(s), by name."""
+    """Every tensor of a model folder's safetensors file(s), by name; a missing, empty or damaged file is a
+    UserError naming it."""
     tensors: dict[str, torch.Tensor] = {}
     for f in _weight_files(Path(folder)):
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
-            for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                tensors[k] = sf.get_tensor(k)
+        if not f.is_file():
+            raise UserError(f"{f}: missing (listed in {f.parent / 'model.safetensors.index.json'})")
+        if f.stat().st_size == 0:
+            raise UserError(f"{f}: empty (0 bytes); the weights were never written in full")
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    tensors[k] = sf.get_tensor(k)
+        except Exception as e:  # safetensors raises its own SafetensorError (header, truncated data) or OSError
+            raise UserError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); the file is damaged "
+                            "or incomplete (a truncated copy?)") from None
     return tensors
 
 
@@ -186,13 +237,20 @@ def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folde
             if t.shape != p.shape:
                 raise UnsupportedModelError(
                     f"{folder}: {k} has shape {tuple(t.shape)}, config implies {tuple(p.shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UserError(f"{folder}: weight {k} holds non-finite values (NaN or inf); the model is unusable "
+                                "(saved from a diverged run?)")
             p.copy_(t.to(dtype))
 
 
 def load_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
     """Load a Hugging Face (or tristage) model folder. dtype None keeps the checkpoint's dtype."""
     folder = Path(folder)
-    cfg = read_config(folder)
+    hf = read_hf_config(folder)
+    if is_score_config(hf):
+        raise UserError(f"{folder}: a reward model ({', '.join(hf['architectures'])}), not a language model; this "
+                        "needs a causal LM folder (a base, SFT or DPO model)")
+    cfg = config_from_hf(hf, source=str(folder / "config.json"))
     tensors = read_tensors(folder, device)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway

@@ -26,7 +26,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tristage.io import UserError
 from tristage.model.gpt import GPT, Backbone
-from tristage.model.hf import FAMILIES, copy_weights, read_config, read_tensors, save_model
+from tristage.model.hf import (
+    FAMILIES,
+    config_from_hf,
+    copy_weights,
+    is_score_config,
+    read_hf_config,
+    read_tensors,
+    save_model,
+)
 
 
 class ScoreModel(nn.Module):
@@ -123,25 +131,26 @@ def value_model_from(model: GPT | ScoreModel, seed: int = 0) -> ScoreModel:
 
 # ----------------------------------------------------------------------------- folders
 def is_reward_folder(folder: str | os.PathLike) -> bool:
-    path = Path(folder) / "config.json"
-    return path.exists() and any(a.endswith("ForSequenceClassification")
-                                 for a in json.loads(path.read_text()).get("architectures") or [])
+    """Whether `folder` holds a reward model (*ForSequenceClassification); a damaged config.json is a UserError."""
+    return (Path(folder) / "config.json").exists() and is_score_config(read_hf_config(folder))
 
 
 def load_reward_model(folder: str | os.PathLike, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None) -> ScoreModel:
     """Load a reward-model folder (ours, or a Hugging Face *ForSequenceClassification of a supported family)."""
     folder = Path(folder)
-    hf = json.loads((folder / "config.json").read_text())
-    if not is_reward_folder(folder):
-        raise ValueError(f"{folder}: not a reward model (architectures {hf.get('architectures')}; "
-                         "expected *ForSequenceClassification); start one with `tristage reward`")
-    cfg = read_config(folder)
+    hf = read_hf_config(folder)
+    if not is_score_config(hf):
+        raise UserError(f"{folder}: not a reward model (architectures {hf.get('architectures')}; "
+                        "expected *ForSequenceClassification); start one with `tristage reward`")
+    cfg = config_from_hf(hf, source=str(folder / "config.json"))
     meta = hf.get("tristage_reward") or {}
     n = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 1)
     labels = meta.get("labels") or [hf.get("id2label", {}).get(str(i), f"label_{i}") for i in range(n)]
     tensors = read_tensors(folder, device)
-    n = tensors["score.weight"].shape[0] if "score.weight" in tensors else n
+    if "score.weight" not in tensors:
+        raise UserError(f"{folder}: no score.weight tensor (the reward head) in its weights")
+    n = tensors["score.weight"].shape[0]
     tensors.pop("lm_head.weight", None)
     dtype = dtype or tensors["score.weight"].dtype
     with torch.device("meta"):

@@ -114,7 +114,7 @@ def reference_tables(cfg: Config, s: loop.Session, model, train: list, val: list
 
     cache = s.out / "reference_logps.pt"
     key = reference_key(cfg.ref_model or cfg.model, train, val, s.dtype)
-    saved = torch.load(cache, map_location="cpu") if cache.exists() else {}
+    saved = read_reference_cache(cache, s.is_main)
     if saved.get("key") == key:  # resume, or a rerun with other hyperparameters
         if s.is_main:
             print(f"dpo: reference log-probs from {cache}")
@@ -138,6 +138,23 @@ def reference_tables(cfg: Config, s: loop.Session, model, train: list, val: list
         print(f"dpo: reference log-probs of {len(train)} + {len(val)} pairs in {time.perf_counter() - t0:.1f}s "
               f"-> {cache}")
     return ref_train, ref_val
+
+
+def read_reference_cache(cache: Path, verbose: bool) -> dict:
+    """out/reference_logps.pt, or {} when there is none; a damaged one (a truncated copy) is said so and then
+    recomputed, since the cache only saves time."""
+    if not cache.exists():
+        return {}
+    try:
+        saved = torch.load(cache, map_location="cpu")
+        if isinstance(saved, dict) and {"key", "train", "val"} <= saved.keys():
+            return saved
+        problem = "not a reference cache"
+    except Exception as e:  # torch.load's errors on a truncated file vary (RuntimeError, EOFError, ...)
+        problem = f"{type(e).__name__}: {e}"
+    if verbose:
+        print(f"dpo: {cache} cannot be read ({problem}); computing the reference log-probs again")
+    return {}
 
 
 @torch.no_grad()
@@ -170,6 +187,10 @@ def main(cfg: Config) -> dict:
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), not {cfg.label_smoothing}")
     s = loop.start(cfg, "dpo")
+    if s.state is not None and not s.lora:  # the run being resumed must be a policy's (not a reward model's)
+        loop.model_config(s.ckpt)
+    # before any data is read; the reference reads the same sequences, so its context counts too
+    cfg.max_len = loop.fit_max_len(cfg.max_len, cfg.model, *([cfg.ref_model] if cfg.ref_model else []))
     tokenizer = loop.chat_tokenizer(cfg.model)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     train, val, _, notes = load_pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, tokenizer,
@@ -211,6 +232,7 @@ def main(cfg: Config) -> dict:
         for step in range(start, max_steps):
             m = loop.train_step(s, t, [next_batch() for _ in range(cfg.grad_accum)], loss_fn,
                                 lambda b: len(b["pair_idx"]), step, max_steps)
+            rep.watch(step + 1, m)
             rep.count(m["count"])
             done = step + 1
             if loop.due(done, cfg.log_every, max_steps):

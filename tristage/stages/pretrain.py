@@ -35,6 +35,7 @@ import torch
 from tristage.config import arg, parse
 from tristage.data.pretrain import TokenLoader, load_meta
 from tristage.flops import flops_per_token, peak_flops
+from tristage.io import UserError
 from tristage.model.gpt import GPT, ModelConfig, build_model
 from tristage.model.hf import load_model
 from tristage.serve.engine import Engine, SamplingParams
@@ -99,9 +100,29 @@ def write_samples(model: GPT, tokenizer, prompts: list[str], step: int, path: Pa
             fh.write(json.dumps({"step": step, "prompt": p, "completion": text}) + "\n")
 
 
+# the shape flags behind each ModelConfig field they set, to name a difference with a resumed checkpoint
+SHAPE_FLAGS = {"vocab_size": "the tokenizer's vocabulary", "hidden_size": "--hidden-size / --depth",
+               "num_hidden_layers": "--num-layers / --depth", "num_attention_heads": "--num-heads",
+               "num_key_value_heads": "--num-kv-heads", "intermediate_size": "--intermediate-size",
+               "rope_theta": "--rope-theta", "tie_word_embeddings": "--tie-embeddings"}
+
+
+def shape_differences(want: ModelConfig, have: ModelConfig) -> list[str]:
+    """`flags: value (checkpoint: value)` for each shape field where the flags' model differs from a checkpoint's
+    (the context length is not one: a resumed run may train on shorter sequences than its model holds)."""
+    return [f"{flag} gives {k} {getattr(want, k)} (checkpoint: {getattr(have, k)})"
+            for k, flag in SHAPE_FLAGS.items() if getattr(want, k) != getattr(have, k)]
+
+
 def build(cfg: Config, s: loop.Session, vocab_size: int) -> GPT:
-    """The model: the checkpoint being resumed > a folder to continue from > a fresh one from the shape flags."""
+    """The model: the checkpoint being resumed > a folder to continue from > a fresh one from the shape flags.
+    Resuming a run built from the shape flags with other shape flags is refused, naming each difference."""
     if s.state is not None:
+        if cfg.init_from is None:
+            diff = shape_differences(model_config(cfg, vocab_size), loop.model_config(s.ckpt))
+            if diff:
+                raise UserError(f"--resume: the flags describe another model than the checkpoint in {s.ckpt}: "
+                                + "; ".join(diff) + f" (resume with the run's own flags: --config {s.out}/config.yaml)")
         return load_model(s.ckpt, device=s.device, dtype=torch.float32)
     if cfg.init_from:
         return load_model(cfg.init_from, device=s.device, dtype=torch.float32)
@@ -116,9 +137,10 @@ def main(cfg: Config) -> dict:
     model = build(cfg, s, tokenizer.vocab_size)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens, model only {mcfg.vocab_size}")
+        raise UserError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens, the model only {mcfg.vocab_size}")
     if cfg.seq_len > mcfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context {mcfg.max_position_embeddings}")
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's context: {mcfg.max_position_embeddings} "
+                        "positions (max_position_embeddings)")
     t = loop.prepare(s, model)
     d = s.d
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, rank=d.rank, world_size=d.world_size,
@@ -140,6 +162,7 @@ def main(cfg: Config) -> dict:
             micro = [dict(zip(("input_ids", "labels"), next(loader))) for _ in range(cfg.grad_accum)]
             m = loop.train_step(s, t, micro, lambda mdl, b: (lm_loss_sum(mdl, b), {}), loop.target_count, step,
                                 cfg.max_steps)
+            rep.watch(step + 1, m)
             tokens_seen += tokens_per_step
             rep.count(tokens_per_step)
             done = step + 1

@@ -39,6 +39,7 @@ import torch
 
 from tristage.config import arg
 from tristage.data.preference import PairDataArgs, PairLoader, load_pair_splits, pair_collator
+from tristage.io import UserError
 from tristage.model.hf import load_model
 from tristage.model.score import from_causal_lm, is_reward_folder, load_reward_model, per_row, save_reward_model
 from tristage.runtime import autocast, to_device
@@ -153,14 +154,14 @@ def build(cfg: Config, s: loop.Session, train: list, attributes: list[str]):
 
     heads = {"on": bool(attributes), "off": False, "auto": any(e.ratings for e in train) and bool(attributes)}
     if cfg.attribute_heads == "on" and not attributes:
-        raise ValueError("--attribute-heads on: the training pairs carry no ratings")
+        raise UserError("--attribute-heads on: the training pairs carry no ratings")
     labels = ["reward"] + (list(attributes) if heads[cfg.attribute_heads] else [])
     if s.state is not None:
         return load_reward_model(s.ckpt, device=s.device, dtype=torch.float32)
     if is_reward_folder(cfg.model):
         model = load_reward_model(cfg.model, device=s.device, dtype=torch.float32)
         if model.labels != labels:
-            raise ValueError(f"{cfg.model}: its heads {model.labels} differ from this data's {labels}")
+            raise UserError(f"{cfg.model}: its heads {model.labels} differ from this data's {labels}")
         return model
     A = len(labels) - 1
     return from_causal_lm(load_model(cfg.model, device=s.device, dtype=torch.float32), len(labels), cfg.seed,
@@ -170,9 +171,12 @@ def build(cfg: Config, s: loop.Session, train: list, attributes: list[str]):
 
 def main(cfg: Config) -> dict:
     s = loop.start(cfg, "reward")
+    if s.state is not None:  # the run being resumed must be a reward model's (not, say, an SFT run's folder)
+        loop.model_config(s.ckpt, "reward")
+    cfg.max_len = loop.fit_max_len(cfg.max_len, cfg.model, kind="any")  # before any data is read
     tokenizer = loop.chat_tokenizer(cfg.model)
     if tokenizer.pad_id is None or tokenizer.pad_id in set(tokenizer.stop_ids):
-        raise ValueError(f"{cfg.model}: the tokenizer needs a pad token distinct from its end-of-turn tokens "
+        raise UserError(f"{cfg.model}: the tokenizer needs a pad token distinct from its end-of-turn tokens "
                          "(set pad_token in tokenizer_config.json)")
     train, val, attributes, notes = load_pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, tokenizer,
                                                      cfg.max_len, cfg.on_error, cfg.system_prompt)
@@ -205,6 +209,7 @@ def main(cfg: Config) -> dict:
         for step in range(start, max_steps):
             micro = [next(loader) for _ in range(cfg.grad_accum)]
             m = loop.train_step(s, t, micro, loss_fn, lambda b: b["num_pairs"], step, max_steps)
+            rep.watch(step + 1, m)
             rep.count(m["count"])
             done = step + 1
             if loop.due(done, cfg.log_every, max_steps):

@@ -32,6 +32,7 @@ from typing import Literal
 from tristage.config import arg
 from tristage.data.chat import ChatLoader, encode_conversations, format_skipped, load_conversations
 from tristage.data.records import load_all, split_train_val
+from tristage.io import UserError
 from tristage.train import loop
 
 
@@ -42,7 +43,8 @@ class Config(loop.FinetuneConfig, loop.LoRAArgs):
     data: list[str] = arg([], help="training chats: JSONL/JSON of {messages}, Alpaca or ShareGPT records (.gz ok)")
     val_data: list[str] = arg([], help="validation chats (default: hold out --val-fraction of --data)")
     out: str = arg("runs/sft", help="run folder: config.yaml, metrics.jsonl, model/ (and adapter/ with LoRA)")
-    max_len: int = arg(512, help="longest conversation in tokens; longer ones are truncated (counted)")
+    max_len: int | None = arg(None, help="longest conversation in tokens (default: the model's context, "
+                                         "max_position_embeddings); longer ones are truncated (counted)")
     truncation: Literal["truncate", "drop"] = arg("truncate", help="what to do with conversations over --max-len")
     mode: Literal["packed", "padded"] = arg("packed", help="pack several conversations per row, or pad each")
     tokens_per_batch: int = arg(8192, help="token slots per micro-batch per process (rows x length)")
@@ -55,7 +57,7 @@ def load_chats(cfg: Config, tokenizer):
     """(train examples, val examples, messages printed about what was skipped or truncated)."""
 
     if not cfg.data:
-        raise ValueError("sft: no --data given")
+        raise UserError("sft: no --data given")
     load = partial(load_conversations, on_error=cfg.on_error, system_prompt=cfg.system_prompt)
     train, errors = load_all(cfg.data, load)
     if cfg.val_data:
@@ -68,12 +70,13 @@ def load_chats(cfg: Config, tokenizer):
     va, va_stats = encode_conversations(tokenizer, val, cfg.max_len, cfg.truncation, on_error=cfg.on_error)
     notes += [f"train: {tr_stats}", f"val: {va_stats}"]
     if not tr:
-        raise ValueError(f"sft: no usable training conversations in {cfg.data}")
+        raise UserError(f"sft: no usable training conversations in {', '.join(cfg.data)}")
     return tr, va, notes
 
 
 def main(cfg: Config) -> dict:
     s = loop.start(cfg, "sft")
+    cfg.max_len = loop.fit_max_len(cfg.max_len, cfg.model)  # before any data is read; config.yaml keeps the value
     tokenizer = loop.chat_tokenizer(cfg.model)
     train, val, notes = load_chats(cfg, tokenizer)
     model = loop.load_policy(s)
@@ -103,6 +106,7 @@ def main(cfg: Config) -> dict:
             micro = [next(loader) for _ in range(cfg.grad_accum)]
             m = loop.train_step(s, t, micro, lambda mdl, b: (loop.lm_loss_sum(mdl, b), {}), loop.target_count,
                                 step, max_steps)
+            rep.watch(step + 1, m)
             rep.count(sum(int(b["num_tokens"]) for b in micro) * d.world_size)
             done = step + 1
             if loop.due(done, cfg.log_every, max_steps):

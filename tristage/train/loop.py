@@ -26,7 +26,14 @@ Choices, and why:
   into micro-batches and processes (DDP averages gradients over processes; x world_size turns that into a sum).
   Statistics come back summed over the global batch and divided by the same denominator.
 - A non-finite loss or gradient norm stops the run naming the step, before the optimizer step, so no checkpoint
-  is ever written from a poisoned state.
+  is ever written from a poisoned state; `save` also refuses weights that went non-finite in the last update.
+  A finite run can still diverge (a learning rate far too large): `Reporter.watch` warns in plain words when the
+  loss rises far above its start or the gradients vanish while the loss stays high.
+- Runs cannot be destroyed by accident: `start` refuses an --out that already holds a checkpoint unless --resume
+  (continue it) or --overwrite (start over) is given, finishes a checkpoint swap that a kill interrupted
+  (io.recover_folder), and names a damaged training_state.pt instead of failing inside torch.load.
+- --max-len defaults to the model's own context (max_position_embeddings) and may not exceed it (`fit_max_len`),
+  checked from config.json before any data is read.
 - A checkpoint is a Hugging Face model folder with `training_state.pt` (optimizer, data position, RNG, step)
   inside it, written atomically; with LoRA it is the PEFT adapter folder, and the merged model is written at the
   end. Weights and optimizer state are gathered from every process first (collectives under FSDP).
@@ -50,8 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tristage.config import arg, save_config, to_dict
-from tristage.io import check_writable
-from tristage.model.hf import load_model, save_model
+from tristage.io import UserError, check_writable, recover_folder
+from tristage.model.hf import config_from_hf, is_score_config, load_model, read_hf_config, save_model
 from tristage.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from tristage.runtime import autocast, progress, resolve_dtype, rng_state, seed_everything, set_rng_state, to_device
 from tristage.tokenizer import Tokenizer
@@ -94,6 +101,7 @@ class TrainConfig(RunConfig):
     save_every: int = arg(500, help="checkpoint every N steps (and at the end)")
     log_every: int = arg(10, help="write metrics every N steps")
     resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
+    overwrite: bool = arg(False, help="start over in an --out that already holds a run (its checkpoint is replaced)")
     stop_at: int | None = arg(None, help="checkpoint and stop after this step (split a run into jobs; then --resume)")
 
 
@@ -108,7 +116,8 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = arg(0.05, help="share of --data held out for validation when --val-data is not given")
     on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
     system_prompt: str | None = arg(None, help="system message for conversations that have none")
-    max_len: int = arg(512, help="longest sequence in tokens")
+    max_len: int | None = arg(None, help="longest sequence in tokens (default: the model's context, "
+                                         "max_position_embeddings)")
     epochs: float = arg(1.0, help="passes over the training data (ignored when --max-steps is set)")
 
 
@@ -155,20 +164,83 @@ def start(cfg: Any, stage: str) -> Session:
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     check_writable(out, folder=True, flag="--out")  # before any work: a run that cannot save is lost
-    ckpt = out / ("adapter" if getattr(cfg, "lora_rank", 0) > 0 else "model")
+    lora = getattr(cfg, "lora_rank", 0) > 0
+    ckpt = out / ("adapter" if lora else "model")
+    overwrite = getattr(cfg, "overwrite", False)
+    if cfg.resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: continue the run, or start it over")
+    if d.is_main:
+        for folder in (out / "model", out / "adapter"):
+            if note := recover_folder(folder):
+                print(f"{stage}: {note}")
+    dist.barrier(d)
     state = None
     if cfg.resume:
-        if not (ckpt / "training_state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume in {ckpt}")
-        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+        state = read_training_state(ckpt, lora)
+    elif not overwrite:
+        held = [f for f in (out / "model", out / "adapter") if f.exists()]
+        if held:
+            raise UserError(f"--out {out} already holds a run ({held[0]}): continue it with --resume, start over "
+                            "with --overwrite, or choose another --out")
     return Session(cfg, stage, d, dtype, out, ckpt, state)
+
+
+def read_training_state(ckpt: Path, lora: bool) -> dict[str, Any]:
+    """ckpt/training_state.pt; a missing or damaged one is a UserError saying what to do."""
+    path = ckpt / "training_state.pt"
+    if not path.is_file():
+        other = ckpt.with_name("model" if lora else "adapter")
+        hint = ""
+        if (other / "training_state.pt").is_file():
+            hint = (" (the run in this folder trained without LoRA: resume with --lora-rank 0)" if lora else
+                    " (the run in this folder trained LoRA adapters: resume with its --lora-rank)")
+        raise UserError(f"--resume: no checkpoint to resume in {ckpt} (no training_state.pt){hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load's errors on a truncated or foreign file vary (RuntimeError, EOFError, ...)
+        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged (a truncated "
+                        "copy?): start over with --overwrite") from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "loader", "rng"} <= state.keys():
+        raise UserError(f"{path}: not a tristage training state (expected step, optimizer, loader, rng)")
+    return state
+
+
+def model_config(folder: str | os.PathLike, kind: Literal["causal", "reward", "any"] = "causal") -> Any:
+    """The ModelConfig of a model folder, read from its config.json before any weights or data: a missing or
+    damaged folder, an unsupported architecture, or the wrong kind of model (a reward model where a language model
+    is trained, or the reverse) is a UserError naming the folder."""
+    hf = read_hf_config(folder)
+    if kind == "causal" and is_score_config(hf):
+        raise UserError(f"{folder}: a reward model ({', '.join(hf['architectures'])}), not a language model; this "
+                        "stage starts from a causal LM folder (a base, SFT or DPO model)")
+    if kind == "reward" and not is_score_config(hf):
+        raise UserError(f"{folder}: not a reward model (architectures {hf.get('architectures')}; expected "
+                        "*ForSequenceClassification)")
+    return config_from_hf(hf, source=str(Path(folder) / "config.json"))
+
+
+def fit_max_len(max_len: int | None, *folders: str | os.PathLike, kind: Literal["causal", "reward", "any"] = "causal",
+                flag: str = "--max-len") -> int:
+    """--max-len resolved against the models it feeds: None gives the smallest context (max_position_embeddings)
+    of `folders`; a value above it is a UserError naming both numbers, before any work."""
+    contexts = [(model_config(f, kind).max_position_embeddings, f) for f in folders]
+    ctx, where = min(contexts, key=lambda c: c[0])
+    if max_len is None:
+        return ctx
+    if max_len > ctx:
+        raise UserError(f"{flag} {max_len} exceeds the context of {where}: {ctx} positions "
+                        f"(max_position_embeddings); use {flag} {ctx} or less")
+    return max_len
 
 
 def chat_tokenizer(folder: str | os.PathLike) -> Any:
     """The tokenizer of a model folder, which must carry a chat template (every stage after pre-training)."""
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise UserError(f"{folder}: no tokenizer (tokenizer.json); every stage after pre-training reads the model "
+                        "folder's own tokenizer and chat template")
     tokenizer = Tokenizer.load(folder)
     if not tokenizer.chat_template:
-        raise ValueError(f"{folder}: the tokenizer has no chat_template; add one to tokenizer_config.json")
+        raise UserError(f"{folder}: the tokenizer has no chat_template; add one to tokenizer_config.json")
     return tokenizer
 
 
@@ -341,6 +413,10 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
     (or, with LoRA, the adapter folder, plus the merged model folder when `final`). `save_fn` writes the model
     folder (default: a causal LM's); `state` and `meta` add keys to training_state.pt and tristage.json."""
 
+    bad = dist.all_reduce_sum(nonfinite_count(t.model, s.device), s.d).item()  # every rank, before the gathers
+    if bad:
+        raise FloatingPointError(f"{s.stage}: {int(bad)} weights are NaN or inf after step {step} (a learning rate "
+                                 "far too large?); stopping without writing a checkpoint from this state")
     full = dist.full_state_dict(t.wrapped, s.d)  # collectives under FSDP: every rank calls both, in this order
     training_state = {"step": step, **(state or {}), "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
                       "loader": loader.state_dict(), "rng": rng_state()}
@@ -359,12 +435,43 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
     dist.barrier(s.d)
 
 
+def nonfinite_count(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """How many of this process's parameter values are NaN or inf (its shards under FSDP), as a float tensor."""
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    for p in model.parameters():
+        x = p.detach()
+        x = x.to_local() if hasattr(x, "to_local") else x  # an FSDP2 DTensor: this rank's shard
+        n += (~torch.isfinite(x)).sum().to(device)
+    return n
+
+
 def finish(s: Session) -> None:
     """Leave the process group (under torchrun)."""
     dist.shutdown(s.d)
 
 
 # ----------------------------------------------------------------------------- metrics and progress
+LOSS_RISE = 3.0  # a loss above LOSS_RISE x its start + 1 has diverged (every stage's losses are >= 0)
+GRAD_VANISH = 1e-6  # a gradient norm below this share of the first one has vanished
+
+
+def warnings(first: tuple[int, float, float], step: int, loss: float, grad_norm: float) -> list[tuple[str, str]]:
+    """(kind, message) for each sign of a run going wrong at `step`, compared with `first` = (step, loss, gradient
+    norm) of the first step: the loss rising far above its start (a learning rate too large), or the gradients
+    vanishing while the loss stays near its start (a saturated model that will learn nothing more). Sound runs
+    stay far from both: a loss that falls, or that settles, never triggers either."""
+    s0, l0, g0 = first
+    out = []
+    if loss > LOSS_RISE * l0 + 1.0:
+        out.append(("rise", f"the loss rose from {l0:.4g} at step {s0} to {loss:.4g} at step {step}: training "
+                            "is diverging (is --lr far too large?); the saved model may be ruined"))
+    if g0 > 0 and grad_norm < GRAD_VANISH * g0 and loss > 0.5 * l0:
+        out.append(("vanish", f"the gradients vanished at step {step} (norm {grad_norm:.3g}, {g0:.3g} at step "
+                              f"{s0}) while the loss is still {loss:.4g}: the model has saturated and learns "
+                              "nothing more (is --lr far too large?)"))
+    return out
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged step, appended and flushed) + TensorBoard if installed."""
 
@@ -420,6 +527,8 @@ class Reporter:
         self.task = self.bar.add_task(s.stage, total=total, completed=start, info="")
         self.is_main = s.is_main
         self._t, self._n = time.perf_counter(), 0.0
+        self._first: tuple[int, float, float] | None = None  # (step, loss, grad norm) of the first step run here
+        self._warned: set[str] = set()
 
     def __enter__(self) -> Reporter:
         self.bar.__enter__()
@@ -449,6 +558,15 @@ class Reporter:
     def print(self, text: str) -> None:
         if self.is_main:
             self.bar.console.print(text)
+
+    def watch(self, step: int, m: dict[str, Any]) -> None:
+        """Warn once per kind, in plain words, when a run goes wrong with every number still finite (`warnings`)."""
+        if self._first is None:
+            self._first = (step, m["loss"], m["grad_norm"])
+        for kind, text in warnings(self._first, step, m["loss"], m["grad_norm"]):
+            if kind not in self._warned:
+                self._warned.add(kind)
+                self.print(f"[bold red]warning:[/] {text}")
 
     def advance(self, done: int) -> None:
         self.bar.update(self.task, completed=done)
