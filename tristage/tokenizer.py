@@ -301,7 +301,7 @@ class TrainConfig:
 
     files: list[str] = arg([], help="text files to train on (.txt, or .gz compressed)")
     out: str = arg("tokenizer", help="output folder (tokenizer.json, tokenizer_config.json)")
-    vocab_size: int = arg(4096, help="vocabulary size for --kind bpe, special tokens included")
+    vocab_size: int = arg(4096, check=">=1", help="vocabulary size for --kind bpe, special tokens included")
     kind: Literal["bpe", "char"] = arg("bpe", help="bpe: byte-level BPE; char: one token per character")
 
 
