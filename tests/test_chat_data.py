@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,62 @@ def test_shared_sft_data(rel, chatml, llama3):
     for conv in convs[:40]:
         check_mask(chatml, conv.messages, "<|im_end|>")
         check_mask(llama3, conv.messages, "<|eot_id|>", strip=True)
+
+
+# ----------------------------------------------------------------------------- long records
+def reference_encode(tok: Tokenizer, conv: Conversation, max_len: int, truncation: str) -> tuple[Example | None, str]:
+    """What encode_conversations gives, from the whole conversation rendered and encoded: (example, outcome)."""
+    ex = make_example(*render(tok, conv.messages))
+    if ex is not None and len(ex) > max_len:
+        ex = Example(ex.input_ids[:max_len], ex.labels[:max_len]) if truncation == "truncate" else None
+        if ex is not None and any(y != IGNORE for y in ex.labels):
+            return ex, "truncated"
+        return None, "dropped"
+    return ex, "kept" if ex is not None else "dropped"
+
+
+def long_conversations(seed: int) -> list[Conversation]:
+    """Conversations of 10k-60k characters: long replies, long prompts, many turns, a long system message."""
+    rng = random.Random(seed)
+    words = "the dog cat sat on a mat patio and then slept 🙂 é\n yes no".split(" ")
+    say = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    return [Conversation([{"role": "user", "content": say(5)}, {"role": "assistant", "content": say(8000)}]),
+            Conversation([{"role": "user", "content": say(9000)}, {"role": "assistant", "content": say(5)}]),
+            Conversation([{"role": "system", "content": say(3000)}]
+                         + [{"role": r, "content": say(rng.randint(1, 400))} for _ in range(30)
+                            for r in ("user", "assistant")]),
+            Conversation([{"role": "user", "content": say(30)}, {"role": "assistant", "content": say(30)},
+                          {"role": "user", "content": say(12000)}, {"role": "assistant", "content": say(10)}])]
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+@pytest.mark.parametrize("max_len", [16, 64, 300, 5000])
+def test_long_conversations_encode_as_the_whole(chatml, llama3, max_len, truncation):
+    """Long conversations are encoded from a prefix of their text: the same examples, counts and outcomes as from
+    encoding the whole."""
+    for tok in (chatml, llama3):
+        convs = long_conversations(max_len)
+        want = [reference_encode(tok, c, max_len, truncation) for c in convs]
+        got, stats = encode_conversations(tok, convs, max_len, truncation)
+        assert got == [ex for ex, _ in want if ex is not None]
+        outcomes = [o for _, o in want]
+        assert (stats.truncated, stats.dropped) == (outcomes.count("truncated"), outcomes.count("dropped"))
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_a_20mb_record_is_fitted_within_seconds(chatml, truncation):
+    """Rendering is linear in the conversation's length, and a 20 MB reply is only encoded as far as max_len needs
+    (it took minutes once: the tokens' offsets were re-read inside the per-token loop)."""
+    reply = ("the dog sat on the mat 🙂 and then slept. " * 500_000)[:20_000_000]
+    conv = Conversation([{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": reply}])
+    t0 = time.perf_counter()
+    out, stats = encode_conversations(chatml, [conv], max_len=512, truncation=truncation)
+    assert time.perf_counter() - t0 < 5
+    assert (stats.truncated, stats.dropped) == ((1, 0) if truncation == "truncate" else (0, 1))
+    if out:
+        ids, mask = render(chatml, conv.messages[:1] + [{"role": "assistant", "content": reply[:5000]}])
+        assert out[0].input_ids == ids[:512] and out[0].labels == [i if m else IGNORE for i, m in
+                                                                    zip(ids[1:513], mask[1:513])]
+    t0 = time.perf_counter()  # the whole of a 200 kB reply, as reward scoring and preference pairs render it
+    ids, mask = render(chatml, conv.messages[:1] + [{"role": "assistant", "content": reply[:200_000]}])
+    assert time.perf_counter() - t0 < 5 and sum(mask) > 10_000

@@ -15,13 +15,14 @@ from tristage.config import parse
 from tristage.data.pretrain import (
     PrepareConfig,
     TokenLoader,
+    check_tokenizer,
     expand_inputs,
     load_meta,
     prepare,
     prepare_main,
     token_dtype,
 )
-from tristage.io import DataError
+from tristage.io import DataError, UserError
 
 tokenizer_mod = pytest.importorskip("tristage.tokenizer", reason="tristage.tokenizer (train_bpe) is not importable")
 EOT = "<|endoftext|>"
@@ -262,3 +263,74 @@ def test_cli_flags_parse():
                                 "--val-docs", "5", "--shard-tokens", "100_000_000", "--split", "tail"])
     assert cfg.inputs == ["data/*.txt", "more/*.jsonl.gz"] and cfg.shard_tokens == 100_000_000
     assert (cfg.val_docs, cfg.split, cfg.doc_separator, cfg.workers) == (5, "tail", EOT, 2)
+
+
+# ----------------------------------------------------------------------------- bad inputs: one located error each
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+BAD_FILES = [  # name, bytes, message (after the file's name)
+    ("empty.txt", b"", r"empty\.txt: no text \(the file is empty\)"),
+    ("empty.jsonl", b"\n \n", r"empty\.jsonl: no records \(the file is empty\)"),
+    ("latin1.txt", "ok\ncafé\n".encode("latin-1"), r"latin1\.txt:2: not UTF-8 text \(byte 0xe9"),
+    ("latin1.jsonl", b'{"text": "ok"}\n' + '{"text": "café"}\n'.encode("latin-1"), r"latin1\.jsonl:2: not UTF-8"),
+    ("trunc.txt.gz", _gz(b"some text\n" * 2000)[:-30], r"trunc\.txt\.gz: not a valid gzip file, or a truncated"),
+    ("notgz.jsonl.gz", b'{"text": "plain"}\n', r"notgz\.jsonl\.gz: not a valid gzip file"),
+    ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", r"deep\.jsonl:1: invalid JSON \(nested too deeply\)"),
+    ("surrogate.jsonl", b'{"text": "a\\ud800b"}\n', r"surrogate\.jsonl:1: invalid JSON \(a lone surrogate"),
+    ("bigint.jsonl", b'{"text": ' + b"1" * 5000 + b"}\n", r"bigint\.jsonl:1: invalid JSON \(Exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize("name, data, message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_input_files_are_located_errors(tmp_path, tok_dir, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match=message):
+        prepare(_cfg(tmp_path, tok_dir, [tmp_path / name]), progress=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_bom_is_accepted_and_folders_and_empty_corpora_refused(tmp_path, tok_dir):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello there\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + b'{"text": "hello there"}\n')
+    for name in ("bom.txt", "bom.jsonl"):
+        out = tmp_path / name.replace(".", "_")
+        prepare(PrepareConfig(inputs=[str(tmp_path / name)], tokenizer=tok_dir, out=str(out)), progress=False)
+        assert _decode_split(out, "train") == ["hello there\n" if name.endswith("txt") else "hello there"]
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UserError, match=r"'.*sub': is a folder"):
+        expand_inputs([str(tmp_path / "sub")])
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n', encoding="utf-8")  # read, but no text: 0 tokens
+    with pytest.raises(ValueError, match=r"no training text: 1 documents read, 0 not empty"):
+        prepare(_cfg(tmp_path, tok_dir, [tmp_path / "blank.jsonl"]), progress=False)
+    with pytest.raises(SystemExit, match=r"tristage prepare: --inputs: no training text"):
+        prepare_main(_cfg(tmp_path, tok_dir, [tmp_path / "blank.jsonl"]))
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_shards_and_their_tokenizer_are_checked(tmp_path, tok_dir):
+    (tmp_path / "c.txt").write_text(_doc(random.Random(3), 300), encoding="utf-8")
+    out = tmp_path / "out"
+    prepare(_cfg(tmp_path, tok_dir, [tmp_path / "c.txt"]), progress=False)
+    for where in (out / "tokenizer", tok_dir):  # the shards' copy and the original are the same tokenizer
+        check_tokenizer(out, tokenizer_mod.Tokenizer.load(where), where)
+    n = load_meta(out)["vocab_size"]
+    other = tokenizer_mod.train_char([str(tmp_path / "c.txt")])
+    with pytest.raises(UserError, match=rf"has {other.vocab_size} tokens, but the shards in .* of {n}: use theirs"):
+        check_tokenizer(out, other, "x")
+    spec = json.loads(tokenizer_mod.Tokenizer.load(tok_dir).tok.to_str())  # two tokens' ids swapped: same size
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    same_size = tokenizer_mod.Tokenizer(tokenizer_mod.tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    assert same_size.vocab_size == n
+    with pytest.raises(ValueError, match=r"is not the one the shards .* were made with \(same size, other tokens\)"):
+        check_tokenizer(out, same_size, "y")
+    shard = out / load_meta(out)["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])  # cut short by one uint16 token
+    with pytest.raises(DataError, match=r"000000\.bin: .* bytes, but meta.json says .* tokens"):
+        TokenLoader(out, "train", batch_size=1, seq_len=8)
+    (out / "meta.json").write_text('{"format": "tristage-tok')  # truncated
+    with pytest.raises(DataError, match=r"meta\.json: unreadable"):
+        load_meta(out)

@@ -303,3 +303,35 @@ def test_tiny_shakespeare_bpe(tmp_path):
     assert tok.decode(ids) == text and len(text) / len(ids) > 2
     tok.save(tmp_path)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).encode(text[:100_000]) == tok.encode(text[:100_000])
+
+
+def test_cli_reads_jsonl_text_and_names_bad_files(corpus, tmp_path, capsys):
+    """`--files x.jsonl` trains on each record's text field (not the JSON around it); every bad file is one line
+    naming it (and the line), exit 2."""
+    from tristage.cli import main
+
+    docs = corpus.read_text(encoding="utf-8").split("\n\n")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    assert main(["tokenizer", "--files", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "j"),
+                 "--kind", "char"]) == 0
+    assert not {'"', "{", "}"} & set(Tokenizer.load(tmp_path / "j").tok.get_vocab())  # no JSON syntax learned
+    bad = {"empty.txt": b"", "blank.jsonl": b"\n", "latin1.txt": "a\nb\ncaf\xe9\n".encode("latin-1"),
+           "trunc.txt.gz": gzip.compress(b"some words\n" * 5000)[:-40], "nofield.jsonl": b'{"body": "x"}\n',
+           "notext.jsonl": b'{"text": ""}\n', "bom.txt": b"\xef\xbb\xbf"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    cases = [("empty.txt", "empty.txt: no text to train on"), ("blank.jsonl", "blank.jsonl: no records"),
+             ("latin1.txt", "latin1.txt:3: not UTF-8 text (byte 0xe9"), ("trunc.txt.gz", "trunc.txt.gz: not a valid "
+             "gzip file, or a truncated one"), ("nofield.jsonl", "nofield.jsonl:1: field 'text': missing"),
+             ("notext.jsonl", "notext.jsonl: no text to train on"), ("bom.txt", "bom.txt: no text to train on"),
+             ("folder", "folder: is a folder"), ("missing.txt", "missing.txt: no such file")]
+    for name, message in cases:
+        assert main(["tokenizer", "--files", str(tmp_path / name), "--out", str(tmp_path / "t")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (name, err)
+    (tmp_path / "damaged").mkdir()
+    Tokenizer.load(tmp_path / "j").save(tmp_path / "damaged")
+    (tmp_path / "damaged/tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(ValueError, match=r"damaged/tokenizer\.json: not a readable tokenizer"):
+        Tokenizer.load(tmp_path / "damaged")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tristage.io import read_jsonl
+from tristage.io import DataError, read_jsonl
 from tristage.world import Annotator, expected_agreement, read_documents, read_eval_prompts, read_prompts, score
 from tristage.world.cli import GenerateConfig, ScoreConfig, generate_main, score_main
 from tristage.world.data import EOT, Prompt, generate, pref_style, pretrain_doc, sft_style
@@ -435,9 +435,23 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": DOG}) + "\n")
-    assert score_main(ScoreConfig(file=bad)) == 1
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'response'"):  # a user's mistake: exit 2, one line
+        score_main(ScoreConfig(file=bad))
+    assert main(["world", "score", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:2" in err and "response" in err
+    assert "bad.jsonl:2" in err and "response" in err and "Traceback" not in err
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    for args, message in (([str(tmp_path / "nope.jsonl")], "nope.jsonl: no such file"),
+                          ([str(tmp_path)], "is a folder"), ([str(tmp_path / "empty.jsonl")], "no records"),
+                          ([str(tmp_path / "latin1.jsonl")], "latin1.jsonl:2: not UTF-8")):
+        try:
+            code = main(["world", "score", *args])
+        except SystemExit as e:  # argparse's own errors leave as SystemExit(2), in process
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert message in err and "Traceback" not in err, (args, err)
 
     assert main(["world", "generate", "--out", str(tmp_path / "w2"), "--n-stories", "20", "--n-sft", "5",
                  "--n-pref", "5", "--n-eval", "5", "--quiet"]) == 0  # fmt: skip

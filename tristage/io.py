@@ -3,6 +3,11 @@
 Atomic means write to a temporary file in the same folder, fsync, then rename over the target:
 a crash leaves either the old file or the new one, never half of one. `atomic_folder` does the same for a
 whole folder (a model checkpoint, a LoRA adapter).
+
+Readers: `read_lines` is the one way input text is read (UTF-8, a byte-order mark skipped, `.gz` transparently), and
+every reading problem is a DataError naming the file: missing, a folder, unreadable, not UTF-8 (with the line, found
+again in binary only when decoding fails, so good files pay nothing), a corrupt or truncated gzip, a line over a
+limit. `parse_json` turns every way json.loads can fail into one too; `read_jsonl` refuses a file with no record.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+MAX_LINE_CHARS = 1 << 28  # a JSON record longer than this (256 Mi characters) is refused, not read whole
 
 
 def check_writable(path: str | os.PathLike, *, folder: bool = False, flag: str | None = None) -> None:
@@ -71,12 +79,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _open_error(path: str, e: OSError) -> DataError:
+    """An OS error opening or reading an input, as a DataError naming the file."""
+    if isinstance(e, FileNotFoundError):
+        return DataError(path, None, "no such file")
+    if isinstance(e, IsADirectoryError):
+        return DataError(path, None, "is a folder, not a file")
+    if isinstance(e, PermissionError):
+        return DataError(path, None, "permission denied (cannot read it)")
+    return DataError(path, None, f"cannot read: {e.strerror or e}")
+
+
 def open_text(path: str | os.PathLike):
-    """Open a text file for reading, transparently gunzipping `*.gz`."""
+    """Open a text file for reading as UTF-8 (a leading byte-order mark is skipped), transparently gunzipping `*.gz`.
+    A missing file, a folder or an unreadable file is a DataError naming the path. Read it through `read_lines` to
+    get every later reading problem (not UTF-8, a damaged gzip) as a located DataError too."""
     path = str(path)
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    try:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rt", encoding="utf-8-sig")
+        return open(path, encoding="utf-8-sig")
+    except OSError as e:
+        raise _open_error(path, e) from None
 
 
 class UserError(ValueError):
@@ -102,19 +126,80 @@ class DataError(UserError):
         return DataError(path, line, self.reason, self.field)
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, object) for each non-blank line; a line that is not a JSON object raises DataError."""
+def _bad_utf8(path: str) -> tuple[int | None, str]:
+    """(line, reason) of the first bytes of `path` that are not UTF-8: found again line by line in binary (a newline
+    byte is never inside a multi-byte character, so lines decode on their own exactly as the whole does)."""
+    i = 0
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
+            for i, raw in enumerate(fh, 1):
+                try:
+                    raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    return i, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+    except (OSError, EOFError, zlib.error):  # a damaged gzip stream right after the bad bytes
+        return i + 1, "not UTF-8 text (and a damaged gzip stream)"
+    return None, "not UTF-8 text"
+
+
+def read_lines(path: str | os.PathLike, max_chars: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each line of a text file opened by `open_text`. Every reading problem is a DataError
+    naming the file: missing, a folder, unreadable, bytes that are not UTF-8 (with the line), a corrupt or truncated
+    gzip stream, or a line longer than `max_chars` characters (not read into memory whole; None = no limit)."""
+    path = str(path)
+    i = 0
     with open_text(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, i, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, i, f"expected a JSON object, got {type(obj).__name__}")
-            yield i, obj
+        try:
+            while line := fh.readline(-1 if max_chars is None else max_chars + 1):
+                i += 1
+                if max_chars is not None and len(line) > max_chars and not line.endswith("\n"):
+                    raise DataError(path, i, f"a line longer than {max_chars:,} characters")
+                yield i, line
+        except UnicodeDecodeError:
+            raise DataError(path, *_bad_utf8(path)) from None
+        except (OSError, EOFError, zlib.error) as e:
+            if not path.endswith(".gz"):
+                raise _open_error(path, e) from None
+            raise DataError(path, None, f"not a valid gzip file, or a truncated one (after line {i}: {e})") from None
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, each failure an unlocated DataError (`line` = the line within a multi-line `text`): invalid JSON,
+    nesting too deep to parse, an integer too long to convert, or a lone surrogate escape (\\udXXX, not text)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(None, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(None, None, "invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(None, None, f"invalid JSON ({e})") from None
+    if "\\ud" in text or "\\uD" in text:  # only such a line can hold a lone surrogate: check it then
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            raise DataError(None, None, "invalid JSON (a lone surrogate \\uXXXX escape: not a character)") from None
+    return obj
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, object) for each non-blank line (lines read by `read_lines`, at most MAX_LINE_CHARS
+    long). A line that is not a JSON object raises DataError at file:line; a file with no record at all (empty or
+    blank) raises one naming the file: an empty input is a mistake, not an empty success."""
+    n = 0
+    for i, line in read_lines(path, MAX_LINE_CHARS):
+        if not line.strip():
+            continue
+        try:
+            obj = parse_json(line)
+        except DataError as e:
+            raise e.at(path, i) from None
+        if not isinstance(obj, dict):
+            raise DataError(path, i, f"expected a JSON object, got {type(obj).__name__}")
+        n += 1
+        yield i, obj
+    if not n:
+        raise DataError(path, None, "no records (the file is empty)")
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]] | Iterator[dict[str, Any]]) -> int:

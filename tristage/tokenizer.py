@@ -44,7 +44,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 from tristage.config import arg
-from tristage.io import atomic_write_text, open_text, write_json
+from tristage.io import DataError, UserError, atomic_write_text, read_jsonl, read_lines, write_json
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT, "<|pad|>", "<|im_start|>", "<|im_end|>", *(f"<|reserved_{i}|>" for i in range(4)))
@@ -105,7 +105,16 @@ def _content(tok: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    """A tokenizer folder's JSON file ({} when absent); a damaged one is a DataError naming it."""
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(path, None, f"unreadable ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 @dataclass(eq=False)
@@ -126,7 +135,10 @@ class Tokenizer:
         folder, tok_file = (path.parent, path) if path.is_file() else (path, path / "tokenizer.json")
         if not tok_file.exists():
             raise FileNotFoundError(f"{tok_file}: no tokenizer.json (only the fast tokenizer format is supported)")
-        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust library's own error type: truncated JSON, an unknown model, ...
+            raise DataError(tok_file, None, f"not a readable tokenizer ({e})") from None
         cfg = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         for entry in cfg.get("added_tokens_decoder", {}).values():  # tokens the config knows but tokenizer.json lacks
             if tok.token_to_id(entry["content"]) is None:
@@ -244,19 +256,35 @@ class Tokenizer:
 
 
 # ---- training -------------------------------------------------------------------------------------------------
-def _pieces(files: list[str], specials: Sequence[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
-    """The files' text in ~1 MB chunks (split at line ends), with special tokens cut out so no merge spans them."""
+def is_jsonl(path: str) -> bool:
+    """Whether a training file is JSONL (.jsonl or .json, .gz too), read as `tristage prepare` reads it."""
+    return path.lower().removesuffix(".gz").endswith((".jsonl", ".json"))
+
+
+def _pieces(files: list[str], specials: Sequence[str], chunk_chars: int = 1 << 20,
+            text_field: str = "text") -> Iterator[str]:
+    """The files' text in ~1 MB chunks (split at line ends), with special tokens cut out so no merge spans them. A
+    JSONL file gives the `text_field` string of each record, one piece per record (its documents, as `tristage
+    prepare` reads them: training on the raw JSON would learn its quotes and escapes). Reading errors are
+    DataErrors naming the file (and line)."""
     cut = re.compile("|".join(map(re.escape, specials)) or "(?!)")  # (?!) never matches
     for f in files:
+        if is_jsonl(f):
+            for line, obj in read_jsonl(f):
+                text = obj.get(text_field)
+                if not isinstance(text, str):
+                    raise DataError(f, line, "missing" if text_field not in obj else
+                                    f"expected a string, got {type(text).__name__}", text_field)
+                yield from (p for p in cut.split(text) if p)
+            continue
         buf: list[str] = []
         size = 0
-        with open_text(f) as fh:
-            for line in fh:
-                buf.append(line)
-                size += len(line)
-                if size >= chunk_chars:
-                    yield from (p for p in cut.split("".join(buf)) if p)
-                    buf, size = [], 0
+        for _, line in read_lines(f):
+            buf.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                yield from (p for p in cut.split("".join(buf)) if p)
+                buf, size = [], 0
         yield from (p for p in cut.split("".join(buf)) if p)
 
 
@@ -265,10 +293,11 @@ def _wrap(tok: tokenizers.Tokenizer) -> Tokenizer:
 
 
 def train_bpe(files: list[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS,
-              min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE on text files (.txt or .gz); `special_tokens` take ids 0.. in order."""
+              min_frequency: int = 2, text_field: str = "text") -> Tokenizer:
+    """Train a byte-level BPE on text files (.txt or .gz; JSONL: each record's `text_field`); `special_tokens` take
+    ids 0.. in order."""
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(special_tokens)} special tokens")
+        raise UserError(f"vocab_size {vocab_size} (--vocab-size) < 256 bytes + {len(special_tokens)} special tokens")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -277,14 +306,14 @@ def train_bpe(files: list[str], vocab_size: int, special_tokens: Sequence[str] =
                                   special_tokens=[AddedToken(s, special=True, normalized=False)
                                                   for s in special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_pieces(files, special_tokens), trainer)
+    tok.train_from_iterator(_pieces(files, special_tokens, text_field=text_field), trainer)
     return _wrap(tok)
 
 
-def train_char(files: list[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+def train_char(files: list[str], special_tokens: Sequence[str] = SPECIAL_TOKENS, text_field: str = "text") -> Tokenizer:
     """A character-level tokenizer: specials, then every character seen (sorted), then 256 byte-fallback tokens."""
     chars: set[str] = set()
-    for piece in _pieces(files, special_tokens):
+    for piece in _pieces(files, special_tokens, text_field=text_field):
         chars.update(piece)
     vocab = {s: i for i, s in enumerate(special_tokens)}
     for token in sorted(chars) + [f"<0x{b:02X}>" for b in range(256)]:
@@ -299,22 +328,25 @@ def train_char(files: list[str], special_tokens: Sequence[str] = SPECIAL_TOKENS)
 class TrainConfig:
     """Train a tokenizer on text files and write it as a Hugging Face tokenizer folder."""
 
-    files: list[str] = arg([], help="text files to train on (.txt, or .gz compressed)")
+    files: list[str] = arg([], help="text files to train on (.txt, or .gz compressed); .jsonl: each record's "
+                                    "--text-field")
     out: str = arg("tokenizer", help="output folder (tokenizer.json, tokenizer_config.json)")
-    vocab_size: int = arg(4096, check=">=1", help="vocabulary size for --kind bpe, special tokens included")
+    vocab_size: int = arg(4096, help="vocabulary size for --kind bpe, special tokens included")
     kind: Literal["bpe", "char"] = arg("bpe", help="bpe: byte-level BPE; char: one token per character")
+    text_field: str = arg("text", help="the field holding the text in .jsonl / .json files (as `prepare` reads it)")
 
 
 def train_main(cfg: TrainConfig) -> int:
     if not cfg.files:
         raise SystemExit("tristage tokenizer: give the text files to train on with --files a.txt b.txt.gz")
-    for f in cfg.files:
-        if not Path(f).is_file():
-            raise SystemExit(f"tristage tokenizer: {f}: no such file")
-    tok = train_bpe(cfg.files, cfg.vocab_size) if cfg.kind == "bpe" else train_char(cfg.files)
+    for f in cfg.files:  # each file is readable and holds some text (its first chunk read), before training
+        if next(_pieces([f], SPECIAL_TOKENS, text_field=cfg.text_field), None) is None:
+            raise DataError(f, None, "no text to train on")
+    tok = (train_bpe(cfg.files, cfg.vocab_size, text_field=cfg.text_field) if cfg.kind == "bpe"
+           else train_char(cfg.files, text_field=cfg.text_field))
     tok.save(cfg.out)
     sample, n = [], 0  # measure compression on (up to) the first 16M characters of the training text
-    for piece in _pieces(cfg.files, []):
+    for piece in _pieces(cfg.files, [], text_field=cfg.text_field):
         sample.append(piece)
         n += len(piece)
         if n >= 1 << 24:

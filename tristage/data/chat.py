@@ -17,10 +17,15 @@ Choices:
   `return_assistant_tokens_mask`, so ours equals it on generation-tagged templates: a token merging the header's
   last newline with a reply's leading whitespace is trained). Each span's mask is then cut after its first
   end-of-turn token (`tokenizer.stop_ids`), so `<|im_end|>` / `<|eot_id|>` is trained and the newline after it is
-  not; a template ending turns in plain text keeps its whole span. The ids are those of
-  `tokenizer.apply_chat_template` (text encoded without adding special tokens, as transformers does: a BOS comes from
-  the template's `{{ bos_token }}`, never from the post-processor). Contents holding a special-token string are
-  refused: they would encode as control tokens and break the turn structure.
+  not; a template ending turns in plain text keeps its whole span. Rendering is linear in the conversation's length
+  (the encoding's ids and offsets are read once). `encode_conversations` needs only the first max_len + 2 tokens: a
+  long text (over 16 characters per needed token) is encoded from a prefix, doubled until it holds the tokens needed
+  plus a margin of PREFIX_MARGIN that is left out (where a cut in mid-word may encode differently), and only the
+  replies that start within it are located; whether a later token is trained decides "longer than max_len". So a
+  20 MB reply is truncated or dropped in a fraction of a second, with the ids and masks of the whole (tested).
+  The ids are those of `tokenizer.apply_chat_template` (text encoded without adding special tokens, as transformers
+  does: a BOS comes from the template's `{{ bos_token }}`, never from the post-processor). Contents holding a
+  special-token string are refused: they would encode as control tokens and break the turn structure.
 - Targets: an example is x = ids[:-1], y = ids[1:] with y = -100 where mask[1:] is 0 (labels are pre-shifted: loss =
   cross_entropy(logits, labels), no further shift). Tokens after the last trained target are dropped (they would
   only predict untrained tokens), so an untruncated example's last target is its end-of-turn token. Longer examples are
@@ -56,6 +61,7 @@ from tristage.model.gpt import make_attention_mask, positions_from_doc_ids
 from tristage.tokenizer import Tokenizer
 
 IGNORE = -100
+PREFIX_MARGIN = 256  # tokens left out at the end of a prefix's encoding (see _encode)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
 
@@ -115,37 +121,71 @@ def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip
 
 
 # ----------------------------------------------------------------------------- rendering
-def render(tokenizer: Tokenizer, messages: list[dict[str, str]], **template_kwargs: Any) -> tuple[list[int], list[int]]:
-    """Token ids of the whole conversation (= tokenizer.apply_chat_template) and a 0/1 mask of the assistant turns."""
+def _encode(tokenizer: Tokenizer, text: str, need: int | None) -> tuple[list[int], list[tuple[int, int]], bool]:
+    """(ids, character offsets, complete): all of text's tokens (complete), or, when `need` is given and the text is
+    long, only its first tokens, at least `need` of them, from encoding a prefix of the text: the prefix doubles
+    from 16 characters per needed token until it holds `need` + PREFIX_MARGIN tokens, and its last PREFIX_MARGIN
+    tokens, those a cut in mid-word could change, are left out."""
+    if need is not None:
+        chars = 16 * (need + PREFIX_MARGIN)
+        while chars < len(text):
+            enc = tokenizer.tok.encode(text[:chars], add_special_tokens=False)
+            ids = enc.ids
+            if len(ids) >= need + PREFIX_MARGIN:
+                return ids[:-PREFIX_MARGIN], enc.offsets[:-PREFIX_MARGIN], False
+            chars *= 2
+    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets, True
+
+
+def render_prefix(tokenizer: Tokenizer, messages: list[dict[str, str]], need: int | None,
+                  **template_kwargs: Any) -> tuple[list[int], list[int], bool]:
+    """`render`, cut short for long conversations: (ids, mask, more) where ids and mask are the first tokens of the
+    whole conversation's (all of them, or at least `need`), and `more` says whether a token after them is trained
+    (so the whole example is longer than these tokens). With need None it is `render` (more is False)."""
     specials = tokenizer.special_tokens
     for k, m in enumerate(messages):
         if hit := next((s for s in specials if s in m["content"]), None):
             raise ValueError(f"message {k} ({m['role']}) contains the special token {hit!r} in its text")
     text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-    spans = []
+    ids, offsets, complete = _encode(tokenizer, text, need)
+    # enc.ids / enc.offsets build a new Python list on every access: they are read once above (read per token,
+    # they made rendering quadratic in the conversation's length)
+    cover = len(text) if complete else offsets[-1][1]  # the characters the tokens reach
+    spans, more = [], False
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False,
                                                **template_kwargs)
+        if len(before) >= cover and not complete:  # this reply's tokens all come after the ones encoded
+            more = True
+            break
         upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, **template_kwargs)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise ValueError(f"chat template unfit for turn-by-turn loss masking: rendering the first {i} messages "
                              f"(+ generation prompt) or the first {i + 1} is not a prefix of the whole conversation "
                              f"(the template renders earlier turns differently once later ones follow)")
         spans.append((len(before), len(upto)))
-    enc = tokenizer.tok.encode(text, add_special_tokens=False)
-    ids, mask, stops = enc.ids, [0] * len(enc.ids), set(tokenizer.stop_ids)
+    n, mask, stops = len(ids), [0] * len(ids), set(tokenizer.stop_ids)
     t = 0
     for start, end in spans:
-        while t < len(ids) and enc.offsets[t][1] <= start:  # tokens ending before the span
+        while t < n and offsets[t][1] <= start:  # tokens ending before the span
             t += 1
         stopped = False
-        while t < len(ids) and enc.offsets[t][0] < end:  # tokens overlapping it, up to its first end-of-turn
+        while t < n and offsets[t][0] < end:  # tokens overlapping it, up to its first end-of-turn
             if not stopped:
                 mask[t] = 1
                 stopped = ids[t] in stops
             t += 1
+        if t == n and not stopped and not complete:  # the span goes on past the tokens encoded
+            more = True
+    return ids, mask, more
+
+
+def render(tokenizer: Tokenizer, messages: list[dict[str, str]], **template_kwargs: Any) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation (= tokenizer.apply_chat_template) and a 0/1 mask of the assistant turns."""
+    ids, mask, _ = render_prefix(tokenizer, messages, None, **template_kwargs)
     return ids, mask
 
 
@@ -191,13 +231,16 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Conversat
     out, stats = [], EncodeStats()
     for conv in conversations:
         try:
-            ex = make_example(*render(tokenizer, conv.messages, **template_kwargs))
+            ids, mask, more = render_prefix(tokenizer, conv.messages, max_len + 2, **template_kwargs)
         except (ValueError, jinja2.TemplateError) as e:  # the template refused it, or special tokens in the text
             err = DataError(conv.path, conv.line, str(e))
             if on_error == "raise":
                 raise err from e
             stats.errors.append(err)
             continue
+        # more: a target after the first max_len + 2 tokens is trained, so the example is longer than max_len
+        ex = Example(ids[:max_len + 1], [ids[t] if mask[t] else IGNORE for t in range(1, max_len + 2)]) if more \
+            else make_example(ids, mask)
         if ex is not None and len(ex) > max_len:
             ex = Example(ex.input_ids[:max_len], ex.labels[:max_len]) if truncation == "truncate" else None
             if ex is not None and any(y != IGNORE for y in ex.labels):

@@ -170,6 +170,9 @@ def _ratings(value: Any) -> dict[str, dict[str, float]] | None:
         for attr, x in value[side].items():
             if not isinstance(x, int | float) or isinstance(x, bool):
                 raise bad(f"expected a number, got {type(x).__name__}", f"ratings.{side}.{attr}")
+            if isinstance(x, int) and abs(x) > 2**1023 or not math.isfinite(x):  # NaN, Infinity: JSON numbers too
+                raise bad(f"expected a finite number, got {x if isinstance(x, float) else 'an integer too large'}",
+                          f"ratings.{side}.{attr}")
         out[side] = {attr: float(x) for attr, x in value[side].items()}
     return out
 

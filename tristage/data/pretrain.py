@@ -7,7 +7,9 @@ Choices:
   .parquet the --text-field column (needs pyarrow); anything else is plain text. A plain-text file is one document
   unless it holds lines that are exactly --doc-separator, which then cut it into documents, verbatim (line breaks
   kept). Empty documents are skipped and counted; a bad record raises DataError with its file, line (parquet: row)
-  and field. Nothing else is dropped.
+  and field. Nothing else is dropped. An input file that is empty, a folder, not UTF-8, a damaged gzip or parquet is
+  a DataError naming it (`tristage.io.read_lines`), and inputs with no training text at all are an error (no
+  meta.json is written), not an empty dataset.
 - Every document is followed by the tokenizer's eos (`<|endoftext|>`), as GPT-2 and nanoGPT's openwebtext do: the
   split becomes one token stream the loader may cut anywhere, and the model sees the boundaries. A literal
   "<|endoftext|>" inside a text also encodes as eos.
@@ -15,7 +17,9 @@ Choices:
   header like nanoGPT's train.bin; meta.json beside them holds dtype, vocab size, tokenizer hash, tokens per shard,
   docs, UTF-8 bytes and bytes/token per split (bits per byte = loss in nats / ln 2 / bytes_per_token; the eos tokens
   count as tokens with no bytes). meta.json is written last: no meta.json, no finished dataset. The tokenizer is
-  copied to SHARDDIR/tokenizer so the folder is self-contained.
+  copied to SHARDDIR/tokenizer so the folder is self-contained. `check_tokenizer` refuses another tokenizer for the
+  shards (another size, or another tokenizer.json hash), and the loader refuses shards whose sizes differ from
+  meta.json's counts (a copy cut short), so the wrong ids never train silently.
 - The split is by document and deterministic: `hash` puts a document in val when blake2b(seed, text) falls below
   --val-fraction (same input, same split; exact duplicates land on the same side); --val-docs N instead keeps the N
   documents with the lowest hashes (held in memory). `tail` sends the last --val-fraction of every document's
@@ -54,7 +58,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from tristage.config import arg, to_dict
-from tristage.io import DataError, open_text, read_jsonl, write_json
+from tristage.io import DataError, UserError, read_jsonl, read_lines, write_json
 from tristage.tokenizer import EOT, Tokenizer
 
 CHUNK_CHARS = 1 << 22  # characters per encode_batch call
@@ -72,6 +76,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """Files matching each glob, sorted per pattern, in pattern order; a pattern matching nothing is an error."""
     files: list[str] = []
     for pat in patterns:
+        if os.path.isdir(os.path.expanduser(pat)):
+            raise UserError(f"--inputs {pat!r}: is a folder; give its files, e.g. '{pat.rstrip('/')}/*.txt'")
         hits = sorted(h for h in glob.glob(os.path.expanduser(pat), recursive=True) if os.path.isfile(h))
         if not hits:
             raise FileNotFoundError(f"--inputs {pat!r}: no files match")
@@ -91,31 +97,39 @@ def read_documents(path: str, text_field: str = "text", separator: str = EOT) ->
             yield text
     elif kind == "parquet":
         try:
-            import pyarrow.parquet as pq  # optional: only parquet corpora need it
+            import pyarrow as pa  # optional: only parquet corpora need it
+            import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise DataError(path, None, f"no such column (columns: {', '.join(pf.schema_arrow.names)})", text_field)
+            raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         row = 0
-        for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if not isinstance(text, str):
-                    raise DataError(path, None, f"row {row}: expected a string, got {type(text).__name__}", text_field)
-                yield text
+        try:
+            pf = pq.ParquetFile(path)
+            if text_field not in pf.schema_arrow.names:
+                raise DataError(path, None, f"no such column (columns: {', '.join(pf.schema_arrow.names)})",
+                                text_field)
+            for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    if not isinstance(text, str):
+                        raise DataError(path, None, f"row {row}: expected a string, got {type(text).__name__}",
+                                        text_field)
+                    yield text
+        except (OSError, pa.ArrowException) as e:  # truncated, not parquet at all, a bad page
+            raise DataError(path, None, f"not a readable parquet file (after row {row}: {e})") from None
+        if not row:
+            raise DataError(path, None, "no rows (the file is empty)")
     else:
         buf: list[str] = []
-        try:
-            with open_text(path) as fh:
-                for line in fh:
-                    if line.rstrip("\r\n") == separator:
-                        yield "".join(buf)
-                        buf = []
-                    else:
-                        buf.append(line)
-        except UnicodeDecodeError as e:
-            raise DataError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+        empty = True
+        for _, line in read_lines(path):
+            empty = False
+            if line.rstrip("\r\n") == separator:
+                yield "".join(buf)
+                buf = []
+            else:
+                buf.append(line)
+        if empty:
+            raise DataError(path, None, "no text (the file is empty)")
         yield "".join(buf)
 
 
@@ -184,14 +198,11 @@ class PrepareConfig:
     out: str = arg(help="output folder: train/*.bin, val/*.bin, meta.json, tokenizer/")
     text_field: str = arg("text", help="JSONL field / parquet column holding the text")
     split: Literal["hash", "tail"] = arg("hash", help="hash: whole documents by hash; tail: the end of each document")
-    val_fraction: float = arg(0.005, check="[0, 1)",
-                              help="fraction of documents (hash) or of each document's characters (tail)")
-    val_docs: int = arg(0, check=">=0",
-                        help="if > 0 (hash split): exactly this many documents in val, overriding --val-fraction")
+    val_fraction: float = arg(0.005, help="fraction of documents (hash) or of each document's characters (tail)")
+    val_docs: int = arg(0, help="if > 0 (hash split): exactly this many documents in val, overriding --val-fraction")
     seed: int = arg(0, help="salt of the split hash")
-    shard_tokens: int = arg(100_000_000, check=">=1", help="tokens per shard file")
-    workers: int = arg(2, check=">=1",
-                       help="tokenizer threads (takes effect if the tokenizer has not run yet in this process)")
+    shard_tokens: int = arg(100_000_000, help="tokens per shard file")
+    workers: int = arg(2, help="tokenizer threads (takes effect if the tokenizer has not run yet in this process)")
     doc_separator: str = arg(EOT, help="a line exactly equal to this separates documents in plain-text files")
 
 
@@ -199,15 +210,15 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Write the shards and meta.json under cfg.out; returns the meta dict."""
 
     if not 0 <= cfg.val_fraction < 1 or cfg.val_docs < 0 or cfg.shard_tokens < 1:
-        raise ValueError("need 0 <= --val-fraction < 1, --val-docs >= 0 and --shard-tokens >= 1")
+        raise UserError("need 0 <= --val-fraction < 1, --val-docs >= 0 and --shard-tokens >= 1")
     if cfg.split == "tail" and cfg.val_docs:
-        raise ValueError("--val-docs needs --split hash")
+        raise UserError("--val-docs needs --split hash")
     files = expand_inputs(cfg.inputs)
     os.environ.setdefault("RAYON_RS_NUM_CPUS", str(max(cfg.workers, 1)))  # read when the Rust pool first starts
     tok = Tokenizer.load(cfg.tokenizer)
     eos = tok.eos_id if tok.eos_id is not None else tok.token_to_id(cfg.doc_separator)
     if eos is None:
-        raise ValueError(f"{cfg.tokenizer}: the tokenizer has no eos token and no {cfg.doc_separator!r} token")
+        raise UserError(f"{cfg.tokenizer}: the tokenizer has no eos token and no {cfg.doc_separator!r} token")
     dtype = token_dtype(tok.vocab_size)
     cut = _encode(tok, [_PROBE], False) == [sum(tok.encode_batch(_cut(_PROBE, 1)), [])]
     out = Path(cfg.out)
@@ -283,6 +294,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         writers["val"].bytes += nbytes
     for w in writers.values():
         w.close()
+    if not writers["train"].docs:  # no meta.json: the folder is not a dataset
+        docs = stats["docs_read"] - stats["empty_docs_skipped"]
+        raise UserError(f"--inputs: no training text: {stats['docs_read']} documents read, {docs} not empty"
+                        + (f", all of them in val (--val-docs {cfg.val_docs})" if docs and cfg.val_docs else ""))
     tok.save(out / "tokenizer")
     meta = {"format": "tristage-tokens-v1", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
             "eos_id": eos, "tokenizer": {"source": str(Path(cfg.tokenizer).resolve()), "copy": "tokenizer",
@@ -298,7 +313,7 @@ def prepare_main(cfg: PrepareConfig) -> int:
     t0 = time.perf_counter()
     try:
         meta = prepare(cfg)
-    except (DataError, FileNotFoundError, ImportError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:  # a user's mistake (DataError is one); anything else is internal
         raise SystemExit(f"tristage prepare: {e}") from None
     dt = time.perf_counter() - t0
     for name, s in meta["splits"].items():
@@ -315,10 +330,32 @@ def prepare_main(cfg: PrepareConfig) -> int:
 
 
 def load_meta(shard_dir: str | os.PathLike) -> dict:
+    """SHARD_DIR/meta.json; a missing, damaged or foreign one is an error naming it."""
     path = Path(shard_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{shard_dir}: no meta.json (not a finished `tristage prepare` output)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(path, None, f"unreadable ({e}): run `tristage prepare` again") from None
+    if not isinstance(meta, dict) or meta.get("format") != "tristage-tokens-v1" or not isinstance(
+            meta.get("splits"), dict) or not isinstance(meta.get("vocab_size"), int):
+        raise DataError(path, None, "not the meta.json of a `tristage prepare` output (format tristage-tokens-v1)")
+    return meta
+
+
+def check_tokenizer(shard_dir: str | os.PathLike, tokenizer: Tokenizer, where: str | os.PathLike) -> None:
+    """UserError unless `tokenizer` (loaded from `where`) is the one the shards were made with: the same vocabulary
+    size and tokenizer.json (the sha256 `prepare` recorded). Another tokenizer's ids would train on the wrong
+    tokens without any error, or index past the embeddings."""
+    meta = load_meta(shard_dir)
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise UserError(f"tokenizer {where} has {tokenizer.vocab_size} tokens, but the shards in {shard_dir} were "
+                        f"made with one of {meta['vocab_size']}: use theirs ({Path(shard_dir) / 'tokenizer'})")
+    sha = (meta.get("tokenizer") or {}).get("sha256")
+    if sha and sha != hashlib.sha256(tokenizer.tok.to_str().encode()).hexdigest():
+        raise UserError(f"tokenizer {where} is not the one the shards in {shard_dir} were made with (same size, "
+                        f"other tokens): use theirs ({Path(shard_dir) / 'tokenizer'})")
 
 
 class TokenLoader:
@@ -333,7 +370,15 @@ class TokenLoader:
         if mode not in ("sequential", "random") or not 0 <= rank < world_size or seed < 0:
             raise ValueError(f"bad loader arguments: mode={mode!r} rank={rank} world_size={world_size} seed={seed}")
         self.meta = load_meta(shard_dir)
+        if split not in self.meta["splits"]:
+            raise DataError(Path(shard_dir) / "meta.json", None, f"no {split!r} split")
         info = self.meta["splits"][split]
+        for s in info["shards"]:  # a shard cut short (a full disk, a copy stopped) would be read as fewer tokens
+            f, want = Path(shard_dir) / s["file"], s["tokens"] * np.dtype(self.meta["dtype"]).itemsize
+            size = f.stat().st_size if f.is_file() else None
+            if size != want:
+                raise DataError(f, None, f"{'missing' if size is None else f'{size:,} bytes'}, but meta.json says "
+                                         f"{s['tokens']:,} tokens ({want:,} bytes): run `tristage prepare` again")
         self.shards = [np.memmap(Path(shard_dir) / s["file"], dtype=self.meta["dtype"], mode="r")
                        for s in info["shards"] if s["tokens"]]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])

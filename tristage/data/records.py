@@ -8,7 +8,11 @@ Choices:
   passes each record through a parse function; `on_error="raise"` raises the first bad record, "skip" collects them
   all for `format_skipped`, which callers always print, so nothing is dropped silently. In a JSON list the "line" is
   the record's 1-based position. Command inputs that are plain JSONL of objects use `tristage.io.read_jsonl` and
-  the same error.
+  the same error. Files are read by `tristage.io.read_lines`, so a missing file, a folder, bytes that are not UTF-8
+  (file:line), a damaged gzip or a line over `MAX_LINE_CHARS` is a DataError naming the file, a UTF-8 byte-order
+  mark is skipped, and JSON that Python cannot hold as text (nesting too deep, a 5000-digit integer, a lone
+  surrogate) is an invalid record like any other. A file with no record at all is an error, whatever `on_error`
+  says: an empty input is a mistake, not an empty success.
 - One definition of a valid message list (`check_turns`): roles are system/user/assistant (`ROLES`), a system
   message comes only first, contents are non-blank, the first non-system turn is the user's, and the list ends with
   the user's turn (a prompt) or the assistant's (a conversation to train on). Fields name the failing part, e.g.
@@ -23,14 +27,13 @@ Choices:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
 
-from tristage.io import DataError, open_text
+from tristage.io import MAX_LINE_CHARS, DataError, parse_json, read_lines
 
 T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
@@ -110,35 +113,38 @@ def prompt_field(obj: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- files
 def _records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line, object) per JSONL line, or (1-based index, object) per element of a JSON list; a line that is not JSON
-    yields an unlocated DataError in place of its object (so "skip" can go on)."""
-    with open_text(path) as fh:
-        first = True
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if first and line.lstrip().startswith("["):  # a JSON list: the whole file is one document
-                try:
-                    data = json.loads(line + fh.read())
-                except json.JSONDecodeError as e:
-                    raise DataError(path, i + e.lineno - 1, f"invalid JSON ({e.msg} at column {e.colno})") from None
-                yield from enumerate(data, 1)
-                return
-            first = False
+    yields an unlocated DataError in place of its object (so "skip" can go on). Reading problems (no such file, not
+    UTF-8, a damaged gzip, a line over MAX_LINE_CHARS) raise located DataErrors (`read_lines`)."""
+    lines = read_lines(path, MAX_LINE_CHARS)
+    first = True
+    for i, line in lines:
+        if not line.strip():
+            continue
+        if first and line.lstrip().startswith("["):  # a JSON list: the whole file is one document
             try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, bad(f"invalid JSON ({e.msg} at column {e.colno})")
+                data = parse_json(line + "".join(rest for _, rest in lines))
+            except DataError as e:
+                raise e.at(path, i + (e.line or 1) - 1) from None
+            yield from enumerate(data, 1)
+            return
+        first = False
+        try:
+            obj = parse_json(line)
+        except DataError as e:
+            obj = e
+        yield i, obj
 
 
 def load_records(path: str | os.PathLike, parse: Callable[[Any, int], T],
                  on_error: Literal["raise", "skip"] = "raise") -> tuple[list[T], list[DataError]]:
     """Every record of a JSONL / JSON-list file (.gz ok) through `parse(obj, line)`, which raises a DataError (`bad`)
     for an invalid one -> (parsed records, located errors of the skipped ones); with on_error="raise" the first error
-    is raised instead."""
+    is raised instead. A file with no record at all (empty, blank, or `[]`) is an error whatever on_error says."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    out, errors = [], []
+    out, errors, n = [], [], 0
     for line, obj in _records(path):
+        n += 1
         try:
             if isinstance(obj, DataError):
                 raise obj
@@ -148,6 +154,8 @@ def load_records(path: str | os.PathLike, parse: Callable[[Any, int], T],
             if on_error == "raise":
                 raise err from None
             errors.append(err)
+    if not n:
+        raise DataError(path, None, "no records (the file is empty)")
     return out, errors
 
 
