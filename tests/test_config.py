@@ -8,7 +8,8 @@ from typing import Literal
 import pytest
 
 from tristage.cli import main as cli_main
-from tristage.config import arg, parse, save_config
+from tristage.config import arg, parse, save_config, validate
+from tristage.io import UserError
 
 
 @dataclass
@@ -80,3 +81,70 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert cli_main(["generate", str(tmp_path), "--input", str(bad), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "Traceback" not in err and not out.exists()
+
+
+@dataclass(kw_only=True)
+class Base:
+    """Checked fields."""
+
+    lr: float = arg(1e-3, help="learning rate", check=">0")
+    beta: float = arg(0.9, help="beta", check="[0, 1)")
+    top_p: float = arg(1.0, help="nucleus mass", check="(0, 1]")
+    limit: int | None = arg(None, help="at most N", check=">=1")
+    even: int = arg(2, help="an even number", check=lambda v: None if v % 2 == 0 else f"must be even (got {v})")
+
+
+@dataclass(kw_only=True)
+class Child(Base):
+    """A command redeclaring fields for other defaults (and help): the checks are inherited."""
+
+    lr: float = arg(5e-4)
+    beta: float = arg(0.5, help="another beta")
+    width: int = arg(64, help="width")
+    heads: int = arg(4, help="heads")
+
+    def check_flags(self) -> None:
+        if self.width % self.heads:
+            raise UserError(f"--heads {self.heads} does not divide --width {self.width}")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "0"], "--lr must be > 0 (got 0.0)"),
+    (["--lr=-inf"], "--lr must be a finite number > 0 (got -inf)"),
+    (["--lr", "nan"], "--lr must be a finite number > 0 (got nan)"),
+    (["--beta", "1"], "--beta must be in [0, 1) (got 1.0)"),
+    (["--beta", "-0.01"], "--beta must be in [0, 1) (got -0.01)"),
+    (["--top-p", "0"], "--top-p must be in (0, 1] (got 0.0)"),
+    (["--limit", "0"], "--limit must be >= 1 (got 0)"),
+    (["--even", "3"], "--even must be even (got 3)"),
+    (["--heads", "3"], "--heads 3 does not divide --width 64"),
+])
+def test_each_flag_is_checked_against_its_declared_range(argv, message):
+    with pytest.raises(UserError) as e:
+        parse(Child, argv)
+    assert str(e.value) == message
+
+
+def test_valid_edges_pass_and_unset_optionals_are_not_checked():
+    cfg = parse(Child, ["--beta", "0", "--top-p", "1", "--limit", "1", "--lr", "1e-9"])
+    assert (cfg.beta, cfg.top_p, cfg.limit, cfg.lr) == (0.0, 1.0, 1, 1e-9)
+    assert parse(Child, []).limit is None
+    validate(Child(lr=1))  # an int where a float is declared is a number all the same
+    with pytest.raises(UserError, match="--lr must be > 0"):  # a Config built in code: validate checks it
+        validate(Child(lr=0.0))
+    with pytest.raises(ValueError, match="bad check"):
+        arg(1, help="x", check="positive")
+
+
+def test_a_yaml_value_is_named_by_its_file_and_key(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1e-4\nbeta: 2\n")  # PyYAML reads 1e-4 as a string: converted, as before
+    with pytest.raises(UserError, match=r"c\.yaml: beta must be in \[0, 1\) \(got 2\.0\)"):
+        parse(Child, ["--config", str(y)])
+    assert parse(Child, ["--config", str(y), "--beta", "0.5"]).lr == 1e-4
+    y.write_text("steps: ten\n")
+    with pytest.raises(UserError, match=r"c\.yaml: steps: expected int, got str 'ten'"):
+        parse(Demo, ["in.txt", "--config", str(y)])
+    y.write_text("targets: q\n")
+    with pytest.raises(UserError, match=r"c\.yaml: targets: expected a list"):
+        parse(Demo, ["in.txt", "--config", str(y)])

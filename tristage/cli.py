@@ -4,17 +4,29 @@ Each command is a `(Config dataclass, main(cfg))` pair living in its own module;
 flags (and an optional `--config FILE.yaml`) into the dataclass and calls `main`. Modules are
 imported lazily so `tristage --help` does not pay for importing torch. A reader that stops early
 (`tristage --help | head -1`) ends the command quietly, as Unix tools do, instead of with a traceback.
+
+One error contract for every command: a user's mistake is one line on stderr, `tristage <command>: <what>`,
+naming the flag or the file (and line and field where there is one), and exit 2, never a traceback. A user's
+mistake is a `tristage.io.UserError` (DataError is one), a `SystemExit("message")`, or an OSError naming a path
+(a missing file, a folder where a file was expected, no permission, a full or read-only disk); the flags are
+checked by `config.parse` before the command starts. Anything else is an internal failure: its traceback, exit 1.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
 
 from tristage import __version__
 from tristage.config import parse
-from tristage.io import DataError
+from tristage.io import UserError
+
+# an OSError with one of these is about the user's machine (disk full, read-only), even without a file name
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# these are about the user's paths even when raised with a message only (`FileNotFoundError("no checkpoint in X")`)
+_USER_OSERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 # name -> (target "module:ConfigClass:function", one-line help); a dict value is a command group.
 COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
@@ -88,14 +100,29 @@ def _dispatch(argv: list[str] | None) -> int:
             continue
         cfg_cls, fn, mod = _load(entry[0])
         desc = (mod.__doc__ or entry[1]).strip()
-        cfg = parse(cfg_cls, argv, prog=prefix, description=desc)
-
         try:
-            result = fn(cfg)
-        except DataError as e:  # bad input: the file, line and field say it all; no traceback
-            print(f"{prefix}: {e}", file=sys.stderr)
-            return 2
+            result = fn(parse(cfg_cls, argv, prog=prefix, description=desc))
+        except SystemExit as e:
+            if not isinstance(e.code, str):  # --help (0), argparse's own one-line errors (2), an exit status
+                raise
+            return _user_error(prefix, e.code)
+        except UserError as e:  # the message names the flag, or the file, line and field
+            return _user_error(prefix, str(e))
+        except UnicodeDecodeError as e:  # a reader that did not locate it; the bytes' reason, at least
+            return _user_error(prefix, f"input is not UTF-8 text ({e.reason} at byte {e.start})")
+        except OSError as e:
+            if e.filename is None and e.errno not in _USER_ERRNOS and not isinstance(e, _USER_OSERRORS):
+                raise
+            where = "".join(f"{n}: " for n in (e.filename, e.filename2) if n is not None)
+            return _user_error(prefix, f"{where}{e.strerror or e}")
         return result if isinstance(result, int) else 0
+
+
+def _user_error(prefix: str, message: str) -> int:
+    """`prefix: message` on one line of stderr (a message that already starts with the prefix keeps one); exit 2."""
+    message = message.removeprefix(f"{prefix}: ").strip()
+    print(f"{prefix}: {' '.join(message.splitlines())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

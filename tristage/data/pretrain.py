@@ -198,11 +198,14 @@ class PrepareConfig:
     out: str = arg(help="output folder: train/*.bin, val/*.bin, meta.json, tokenizer/")
     text_field: str = arg("text", help="JSONL field / parquet column holding the text")
     split: Literal["hash", "tail"] = arg("hash", help="hash: whole documents by hash; tail: the end of each document")
-    val_fraction: float = arg(0.005, help="fraction of documents (hash) or of each document's characters (tail)")
-    val_docs: int = arg(0, help="if > 0 (hash split): exactly this many documents in val, overriding --val-fraction")
+    val_fraction: float = arg(0.005, check="[0, 1)",
+                              help="fraction of documents (hash) or of each document's characters (tail)")
+    val_docs: int = arg(0, check=">=0",
+                        help="if > 0 (hash split): exactly this many documents in val, overriding --val-fraction")
     seed: int = arg(0, help="salt of the split hash")
-    shard_tokens: int = arg(100_000_000, help="tokens per shard file")
-    workers: int = arg(2, help="tokenizer threads (takes effect if the tokenizer has not run yet in this process)")
+    shard_tokens: int = arg(100_000_000, check=">=1", help="tokens per shard file")
+    workers: int = arg(2, check=">=1",
+                       help="tokenizer threads (takes effect if the tokenizer has not run yet in this process)")
     doc_separator: str = arg(EOT, help="a line exactly equal to this separates documents in plain-text files")
 
 

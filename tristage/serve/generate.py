@@ -25,7 +25,7 @@ from tristage.config import arg
 from tristage.data.records import prompt_messages
 from tristage.io import DataError, UserError, check_writable, read_jsonl, write_jsonl
 from tristage.rollout import load_chat_model, policy_tokenizer
-from tristage.runtime import progress, resolve_dtype
+from tristage.runtime import device_problem, dtype_problem, progress, resolve_dtype
 from tristage.serve.detok import response_text, stream_text
 from tristage.serve.engine import Engine, SamplingParams
 
@@ -40,14 +40,15 @@ class Config:
     chat: bool = arg(False, help="treat --prompt (and `prompt` lines) as a user message in the chat template")
     input: str | None = arg(None, help="JSONL of {prompt | messages, ...} lines")
     output: str | None = arg(None, help="JSONL to write: the input fields + response, finish_reason, num_tokens")
-    max_new_tokens: int = arg(256, help="tokens to generate at most per prompt")
-    temperature: float = arg(0.8, help="sampling temperature; 0 = greedy")
-    top_k: int = arg(0, help="keep only the k most likely tokens (0 = off)")
-    top_p: float = arg(0.95, help="nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
+    max_new_tokens: int = arg(256, check=">=1", help="tokens to generate at most per prompt")
+    temperature: float = arg(0.8, check=">=0", help="sampling temperature; 0 = greedy")
+    top_k: int = arg(0, check=">=0", help="keep only the k most likely tokens (0 = off)")
+    top_p: float = arg(0.95, check="(0, 1]",
+                       help="nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
     seed: int = arg(0, help="random seed (the same seed and inputs give the same outputs)")
-    batch_size: int = arg(16, help="prompts decoded together in JSONL mode")
-    device: str = arg("cpu", help="cpu, cuda, cuda:1, mps")
-    dtype: str = arg("float32", help="float32, bfloat16, float16, or auto")
+    batch_size: int = arg(16, check=">=1", help="prompts decoded together in JSONL mode")
+    device: str = arg("cpu", check=device_problem, help="cpu, cuda, cuda:1, mps")
+    dtype: str = arg("float32", check=dtype_problem, help="float32, bfloat16, float16, or auto")
     compile: bool = arg(False, help="torch.compile the decode step (pays off for long JSONL runs only)")
 
 

@@ -53,7 +53,7 @@ from tristage.rollout import (  # noqa: F401 (score_texts: re-exported)
     score_ids,
     score_texts,
 )
-from tristage.runtime import progress, resolve_dtype
+from tristage.runtime import device_problem, dtype_problem, progress, resolve_dtype
 
 
 @dataclass
@@ -65,11 +65,12 @@ class Config:
     file: str = arg(help="JSONL of {prompt | messages, response} or {prompt, chosen, rejected} records (.gz ok)",
                     positional=True)
     output: str | None = arg(None, help="write each record + score/scores (or score_chosen/score_rejected) here")
-    batch_size: int = arg(16, help="sequences per forward pass")
-    max_len: int = arg(1024, help="longest sequence in tokens (capped at the model's max_position_embeddings); "
+    batch_size: int = arg(16, check=">=1", help="sequences per forward pass")
+    max_len: int = arg(1024, check=">=1",
+                       help="longest sequence in tokens (capped at the model's max_position_embeddings); "
                                   "longer ones lose tokens from the left (counted)")
-    device: str = arg("cpu", help="cpu, cuda, cuda:1, mps")
-    dtype: str = arg("float32", help="float32, bfloat16, float16, or auto")
+    device: str = arg("cpu", check=device_problem, help="cpu, cuda, cuda:1, mps")
+    dtype: str = arg("float32", check=dtype_problem, help="float32, bfloat16, float16, or auto")
     progress: bool = arg(True, help="show a progress bar")
 
 

@@ -63,10 +63,11 @@ class Config(PairDataArgs, loop.FinetuneConfig, loop.LoRAArgs):
     ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
     loss: LossType = arg("sigmoid", help="sigmoid (DPO; with --label-smoothing: conservative DPO) | ipo | "
                                          "simpo (reference-free) | orpo (reference-free, with an SFT term)")
-    beta: float = arg(0.1, help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
-    label_smoothing: float = arg(0.0, help="assumed label-noise rate for conservative DPO / SimPO (0..0.5)")
-    gamma: float = arg(0.5, help="SimPO target reward margin")
-    batch_size: int = arg(8, help="pairs per micro-batch per process")
+    beta: float = arg(0.1, check=">0", help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
+    label_smoothing: float = arg(0.0, check="[0, 0.5)",
+                                 help="assumed label-noise rate for conservative DPO / SimPO (0..0.5)")
+    gamma: float = arg(0.5, check="finite", help="SimPO target reward margin")
+    batch_size: int = arg(8, check=">=1", help="pairs per micro-batch per process")
     lr: float = arg(5e-6, help="peak learning rate (small: DPO moves a model quickly; LoRA wants ~10x more)")
 
 

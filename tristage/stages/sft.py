@@ -47,7 +47,7 @@ class Config(loop.FinetuneConfig, loop.LoRAArgs):
                                          "max_position_embeddings); longer ones are truncated (counted)")
     truncation: Literal["truncate", "drop"] = arg("truncate", help="what to do with conversations over --max-len")
     mode: Literal["packed", "padded"] = arg("packed", help="pack several conversations per row, or pad each")
-    tokens_per_batch: int = arg(8192, help="token slots per micro-batch per process (rows x length)")
+    tokens_per_batch: int = arg(8192, check=">=1", help="token slots per micro-batch per process (rows x length)")
     epochs: float = arg(2.0)
     lr: float = arg(1e-4, help="peak learning rate (LoRA typically wants ~10x more)")
     warmup_steps: int = arg(20)

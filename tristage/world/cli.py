@@ -27,14 +27,15 @@ class GenerateConfig:
 
     out: Path = arg(help="output folder")
     seed: int = arg(0, help="one seed gives byte-identical data on every machine")
-    n_stories: int = arg(30000, help="pre-training documents (train + val)")
-    n_sft: int = arg(4000, help="instruction conversations (train + val)")
-    n_pref: int = arg(4000, help="preference pairs (train + val)")
-    n_eval: int = arg(200, help="held-out evaluation prompts")
-    val_frac: float = arg(0.05, help="share of each training split kept for validation")
-    absurd_frac: float = arg(0.1, help="share of pre-training stories that are absurd or incoherent")
-    imperfect_frac: float = arg(0.1, help="share of SFT answers with a flaw")
-    annotator_temperature: float = arg(0.1, help="Bradley-Terry noise of the simulated annotator (0 = perfect)")
+    n_stories: int = arg(30000, check=">=0", help="pre-training documents (train + val)")
+    n_sft: int = arg(4000, check=">=0", help="instruction conversations (train + val)")
+    n_pref: int = arg(4000, check=">=0", help="preference pairs (train + val)")
+    n_eval: int = arg(200, check=">=0", help="held-out evaluation prompts")
+    val_frac: float = arg(0.05, check="[0, 1]", help="share of each training split kept for validation")
+    absurd_frac: float = arg(0.1, check="[0, 1]", help="share of pre-training stories that are absurd or incoherent")
+    imperfect_frac: float = arg(0.1, check="[0, 1]", help="share of SFT answers with a flaw")
+    annotator_temperature: float = arg(0.1, check=">=0",
+                                       help="Bradley-Terry noise of the simulated annotator (0 = perfect)")
     quiet: bool = arg(False, help="no progress bar or summary table")
 
 
