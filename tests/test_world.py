@@ -442,7 +442,7 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
     assert "bad.jsonl:2" in err and "response" in err and "Traceback" not in err
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
-    for args, message in (([str(tmp_path / "nope.jsonl")], "nope.jsonl: no such file"),
+    for args, message in (([], "missing required: FILE"), ([str(tmp_path / "nope.jsonl")], "nope.jsonl: no such file"),
                           ([str(tmp_path)], "is a folder"), ([str(tmp_path / "empty.jsonl")], "no records"),
                           ([str(tmp_path / "latin1.jsonl")], "latin1.jsonl:2: not UTF-8")):
         try:

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from tristage.config import arg, parse
-from tristage.data.pretrain import TokenLoader, load_meta
+from tristage.data.pretrain import TokenLoader, check_tokenizer, load_meta
 from tristage.flops import flops_per_token, peak_flops
 from tristage.io import UserError
 from tristage.model.gpt import GPT, ModelConfig, build_model
@@ -153,6 +153,7 @@ def main(cfg: Config) -> dict:
     load_meta(cfg.data)  # fails early, naming the folder, if it is not a finished `tristage prepare` output
     tok_path = cfg.tokenizer or str(Path(cfg.data) / "tokenizer")
     tokenizer = Tokenizer.load(tok_path)
+    check_tokenizer(cfg.data, tokenizer, tok_path)  # the shards' ids mean this tokenizer's tokens
     model = build(cfg, s, tokenizer.vocab_size)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
