@@ -131,7 +131,7 @@ class FinetuneConfig(TrainConfig):
     on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
     system_prompt: str | None = arg(None, help="system message for conversations that have none")
     max_len: int | None = arg(None, check=">=1", help="longest sequence in tokens (default: the model's context, "
-                                         "max_position_embeddings)")
+                                                      "max_position_embeddings)")
     epochs: float = arg(1.0, check=">0", help="passes over the training data (ignored when --max-steps is set)")
 
 
