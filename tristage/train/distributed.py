@@ -21,13 +21,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 Parallel = Literal["ddp", "fsdp"]
@@ -71,6 +64,8 @@ def wrap(model: nn.Module, d: Dist, parallel: Parallel) -> nn.Module:
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # see _dcp: only multi-process runs pay for the import
+
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -108,23 +103,35 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def _dcp():
+    """torch.distributed.checkpoint.state_dict, imported on first use: it pulls in DTensor and sympy (about 1.2 s),
+    which single-process runs and every command's --help would otherwise pay for."""
+    import torch.distributed.checkpoint.state_dict as dcp
+
+    return dcp
+
+
 def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU (collective under FSDP: every rank must call it)."""
     if d.enabled:
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dcp = _dcp()
+        return dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def full_optim_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> dict:
     if d.enabled:
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dcp = _dcp()
+        return dcp.get_optimizer_state_dict(model, opt,
+                                            options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
 
 def load_optim_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist) -> None:
     if d.enabled:
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True,
-                                                                             broadcast_from_rank0=False))
+        dcp = _dcp()
+        dcp.set_optimizer_state_dict(model, opt, state,
+                                     options=dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
     else:
         opt.load_state_dict(state)
 
