@@ -475,10 +475,11 @@ def worker_trl(work: Path, name: str, steps: int, rec: dict) -> None:
 def worker_ours(work: Path, name: str, steps: int, rec: dict) -> None:
     from tristage.data import preference
     from tristage.stages import dpo, reward
+    from tristage.train import loop
 
     stage = reward if name.startswith("ours_rm") else dpo
     rec["t0"] = time.perf_counter()
-    build = stage.build_optimizer
+    build = loop.build_optimizer
 
     def build_timed(*a, **k):
         opt = build(*a, **k)
@@ -500,11 +501,12 @@ def worker_ours(work: Path, name: str, steps: int, rec: dict) -> None:
         rec["ref_s"] = rec.get("ref_s", 0.0) + time.perf_counter() - t
         return out
 
-    stage.build_optimizer, preference.PairLoader.__next__, dpo.reference_logps = build_timed, counting, ref_timed
+    loop.build_optimizer, preference.PairLoader.__next__, dpo.reference_logps = build_timed, counting, ref_timed
     dtype = "bfloat16" if name.endswith("bf16") else "float32"
     common = dict(data=[str(work / "pairs.jsonl")], val_fraction=0.0, out=str(work / name), max_len=MAX_LEN,
                   batch_size=BATCH, max_steps=steps, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=1.0,
-                  dtype=dtype, eval_every=0, save_every=0, log_every=1, progress=False, seed=0, device="cpu")
+                  dtype=dtype, eval_every=0, save_every=0, log_every=1, progress=False, seed=0, device="cpu",
+                  overwrite=True)
     common["layout"] = "rows" if name.endswith("_rows") else "packed"
     if stage is reward:
         reward.main(reward.Config(model=str(work / "rm"), lr=RM_LR, center_coef=0.0, **common))

@@ -173,9 +173,10 @@ def worker_ours(work: Path, name: str, steps: int) -> dict:
 
     from tristage.data import chat
     from tristage.stages import sft
+    from tristage.train import loop
 
     rec: dict = {"ends": [], "tokens": [], "convs": [], "slots": []}
-    build = sft.build_optimizer
+    build = loop.build_optimizer
 
     def build_timed(*a, **k):
         opt = build(*a, **k)
@@ -204,12 +205,12 @@ def worker_ours(work: Path, name: str, steps: int) -> dict:
             self._cached = (epoch, [order[k:k + ROWS] for k in range(0, len(order) - ROWS + 1, ROWS)])
         return self._cached[1]
 
-    sft.build_optimizer, chat.ChatLoader.__next__, chat.ChatLoader.plan = build_timed, counting, plan_rows
+    loop.build_optimizer, chat.ChatLoader.__next__, chat.ChatLoader.plan = build_timed, counting, plan_rows
     cfg = sft.Config(model=str(work / "model"), data=[str(work / "chats.jsonl")], val_fraction=0.0,
                      out=str(work / name), max_len=MAX_LEN, mode="packed" if "packed" in name else "padded",
                      tokens_per_batch=ROWS * MAX_LEN, max_steps=steps, lr=LR, warmup_steps=0, weight_decay=0.0,
                      grad_clip=1.0, dtype="bfloat16" if name.endswith("bf16") else "float32", compile=False,
-                     eval_every=0, save_every=0, log_every=10, progress=False, seed=0, device="cpu")
+                     eval_every=0, save_every=0, log_every=10, progress=False, seed=0, device="cpu", overwrite=True)
     sft.main(cfg)
     rec["settings"] = {"cmd": ours_command(name, steps)}
     return rec
@@ -302,7 +303,8 @@ def real_data(work: Path, quick: bool) -> dict:
     cfg = sft.Config(model=str(rdir / "base"), data=[str(ALPACA)], val_fraction=0.05, out=str(rdir / "sft"), on_error="skip",
                      max_len=p["max_len"], mode="packed", tokens_per_batch=p["tokens_per_batch"],
                      max_steps=p["max_steps"], lr=p["lr"], warmup_steps=p["warmup_steps"], dtype="float32",
-                     eval_every=p["eval_every"], save_every=0, log_every=25, progress=False, seed=p["seed"])
+                     eval_every=p["eval_every"], save_every=0, log_every=25, progress=False, seed=p["seed"],
+                     overwrite=True)
     train, val, notes = sft.load_chats(cfg, tok)
 
     def batches(examples, n=None):
