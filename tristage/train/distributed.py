@@ -143,4 +143,5 @@ def barrier(d: Dist) -> None:
 
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still has a collective in flight
         dist.destroy_process_group()
