@@ -1,4 +1,5 @@
-"""The command table: every command resolves to a Config dataclass and a main, and --help explains every flag."""
+"""The command table: every command resolves to a Config dataclass and a main, --help explains every flag, and
+neither --help nor a refused flag imports torch."""
 
 from __future__ import annotations
 
@@ -10,23 +11,27 @@ import sys
 
 import pytest
 
-from tristage.cli import COMMANDS, _load, main
+from tristage.cli import COMMANDS, _resolve, main
 from tristage.config import arg, field_help, validate
 from tristage.io import UserError
 
 
 def _targets():
+    """(command, (its Config "module:Class", its main "module:function", one-line help)) for every command."""
     for name, v in COMMANDS.items():
         if isinstance(v, dict):
-            yield from ((f"{name} {sub}", t) for sub, (t, _) in v.items())
+            yield from ((f"{name} {sub}", e) for sub, e in v.items())
         else:
-            yield name, v[0]
+            yield name, v
 
 
 @pytest.mark.parametrize("name,target", list(_targets()))
 def test_every_command_resolves_and_documents_its_flags(name, target, capsys):
-    cfg_cls, fn, _ = _load(target)
+    cfg_cls, fn = _resolve(target[0]), _resolve(target[1])
     assert dataclasses.is_dataclass(cfg_cls) and callable(fn)
+    assert target[0].startswith("tristage.flags."), f"{name}: its Config belongs in tristage/flags/ (no torch)"
+    # the main's module still has the Config under its old name (`dpo.Config(...)`, `tokenizer.TrainConfig(...)`)
+    assert cfg_cls in vars(sys.modules[fn.__module__]).values(), f"{name}: {fn.__module__} does not import its Config"
     with pytest.raises(SystemExit) as e:
         main([*name.split(), "--help"])
     assert e.value.code == 0
@@ -35,6 +40,27 @@ def test_every_command_resolves_and_documents_its_flags(name, target, capsys):
         assert field_help(cfg_cls, f), f"{name}: flag {f.name} has no help text"
         if not f.metadata.get("positional"):
             assert "--" + f.name.replace("_", "-") in text, f"{name}: --{f.name} missing from --help"
+
+
+_NO_TORCH = """
+import sys
+from tristage.cli import main
+try:
+    code = main({argv!r})
+except SystemExit as e:
+    code = e.code
+print("exit", code, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("line", [f"{name} --help" for name, _ in _targets()] + ["dpo m --beta 0", "pretrain --lr 0"])
+def test_help_and_a_refused_flag_do_not_import_torch(line):
+    """--help needs only the Config (tristage/flags/), not the command's module: importing torch takes ~2 s."""
+    p = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argv=line.split())], capture_output=True, text=True,
+                       timeout=60)
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("exit 0" if "--help" in line else "exit 2"), (last, p.stderr)
+    assert last.endswith("False"), f"`tristage {line}` imported torch"
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():
@@ -146,7 +172,7 @@ def test_a_bad_flag_is_one_line_naming_it_exit_2(line, named, capsys):
 
 @pytest.mark.parametrize("name,target", list(_targets()))
 def test_every_default_is_valid(name, target):
-    cfg_cls, _, _ = _load(target)
+    cfg_cls = _resolve(target[0])
     required = {f.name: ["x"] if f.type.startswith("list") else "x" for f in dataclasses.fields(cfg_cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     validate(cfg_cls(**required))
@@ -214,7 +240,7 @@ def _fake_main(cfg: _FakeConfig) -> int:
 
 
 def test_error_contract_user_mistakes_exit_2_internal_failures_propagate(monkeypatch, capsys):
-    monkeypatch.setitem(COMMANDS, "fake", (f"{__name__}:_FakeConfig:_fake_main", "fails as told"))
+    monkeypatch.setitem(COMMANDS, "fake", (f"{__name__}:_FakeConfig", f"{__name__}:_fake_main", "fails as told"))
     assert main(["fake"]) == 0
     _assert_user_error(["fake", "--fail", "exit"], "tristage fake: give --x", capsys)
     assert "tristage fake: tristage fake" not in _run(["fake", "--fail", "exit"], capsys)[1]

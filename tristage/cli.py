@@ -1,9 +1,11 @@
 """`tristage <command> [flags]`: one console script, one subcommand per stage or tool.
 
-Each command is a `(Config dataclass, main(cfg))` pair living in its own module; the CLI only turns
-flags (and an optional `--config FILE.yaml`) into the dataclass and calls `main`. Modules are
-imported lazily so `tristage --help` does not pay for importing torch. A reader that stops early
-(`tristage --help | head -1`) ends the command quietly, as Unix tools do, instead of with a traceback.
+Each command is a `(Config dataclass, main(cfg))` pair: the Config in tristage/flags/ (torch-free), the main in
+the command's own module; the CLI only turns flags (and an optional `--config FILE.yaml`) into the dataclass and
+calls `main`. Modules are imported lazily, and the main's module only to run the command, so neither
+`tristage --help` nor `tristage <command> --help` (nor a flag refused by its check) pays for importing torch. A
+reader that stops early (`tristage --help | head -1`) ends the command quietly, as Unix tools do, instead of with a
+traceback.
 
 One error contract for every command: a user's mistake is one line on stderr, `tristage <command>: <what>`,
 naming the flag or the file (and line and field where there is one), and exit 2, never a traceback. A user's
@@ -14,8 +16,10 @@ checked by `config.parse` before the command starts. Anything else is an interna
 
 from __future__ import annotations
 
+import ast
 import errno
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -28,31 +32,60 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # these are about the user's paths even when raised with a message only (`FileNotFoundError("no checkpoint in X")`)
 _USER_OSERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
-# name -> (target "module:ConfigClass:function", one-line help); a dict value is a command group.
-COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
-    "tokenizer": ("tristage.tokenizer:TrainConfig:train_main", "train a byte-level BPE tokenizer on text files"),
-    "prepare": ("tristage.data.pretrain:PrepareConfig:prepare_main", "tokenize corpora into token shards"),
-    "pretrain": ("tristage.stages.pretrain:Config:main", "stage 1: pre-train a model on token shards"),
-    "plan": ("tristage.plan:Config:main", "compute planner: FLOPs, time, cost, compute-optimal size"),
-    "sft": ("tristage.stages.sft:Config:main", "stage 2: instruction-tune a model on chats (full or LoRA)"),
-    "chat": ("tristage.serve.chat:Config:main", "chat with a model in the terminal (streaming, multi-turn)"),
-    "generate": ("tristage.serve.generate:Config:main", "sample from a model: --prompt text, or JSONL in/out"),
-    "demo": ("tristage.demo:Config:main", "run the pipeline on the demo world (what `make demo` runs)"),
-    "reward": ("tristage.stages.reward:Config:main", "stage 3a: train a reward model on preference pairs"),
-    "dpo": ("tristage.stages.dpo:Config:main", "stage 3a: DPO / IPO / cDPO / SimPO / ORPO on preference pairs"),
-    "score": ("tristage.serve.score:Config:main", "score prompts + responses (or pairs) with a reward model"),
-    "label": ("tristage.stages.label:Config:main", "AI feedback: sample k answers per prompt, a judge picks the pair"),
+# name -> (its Config "module:Class", its main "module:function", one-line help); a dict value is a command group.
+# Every Config lives in tristage/flags/, which never imports torch: --help and the flag checks need only the Config,
+# and the main's module (which imports torch) is imported only to run the command (tristage/flags/__init__.py).
+COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
+    "tokenizer": ("tristage.flags.tokenizer:TrainConfig", "tristage.tokenizer:train_main",
+                  "train a byte-level BPE tokenizer on text files"),
+    "prepare": ("tristage.flags.prepare:PrepareConfig", "tristage.data.pretrain:prepare_main",
+                "tokenize corpora into token shards"),
+    "pretrain": ("tristage.flags.pretrain:Config", "tristage.stages.pretrain:main",
+                 "stage 1: pre-train a model on token shards"),
+    "plan": ("tristage.flags.plan:Config", "tristage.plan:main",
+             "compute planner: FLOPs, time, cost, compute-optimal size"),
+    "sft": ("tristage.flags.sft:Config", "tristage.stages.sft:main",
+            "stage 2: instruction-tune a model on chats (full or LoRA)"),
+    "chat": ("tristage.flags.chat:Config", "tristage.serve.chat:main",
+             "chat with a model in the terminal (streaming, multi-turn)"),
+    "generate": ("tristage.flags.generate:Config", "tristage.serve.generate:main",
+                 "sample from a model: --prompt text, or JSONL in/out"),
+    "demo": ("tristage.flags.demo:Config", "tristage.demo:main",
+             "run the pipeline on the demo world (what `make demo` runs)"),
+    "reward": ("tristage.flags.reward:Config", "tristage.stages.reward:main",
+               "stage 3a: train a reward model on preference pairs"),
+    "dpo": ("tristage.flags.dpo:Config", "tristage.stages.dpo:main",
+            "stage 3a: DPO / IPO / cDPO / SimPO / ORPO on preference pairs"),
+    "score": ("tristage.flags.score:Config", "tristage.serve.score:main",
+              "score prompts + responses (or pairs) with a reward model"),
+    "label": ("tristage.flags.label:Config", "tristage.stages.label:main",
+              "AI feedback: sample k answers per prompt, a judge picks the pair"),
     "world": {
-        "generate": ("tristage.world.cli:GenerateConfig:generate_main", "write the demo world's data for every stage"),
-        "score": ("tristage.world.cli:ScoreConfig:score_main", "score prompts + responses with the gold scorer"),
+        "generate": ("tristage.flags.world:GenerateConfig", "tristage.world.cli:generate_main",
+                     "write the demo world's data for every stage"),
+        "score": ("tristage.flags.world:ScoreConfig", "tristage.world.cli:score_main",
+                  "score prompts + responses with the gold scorer"),
     },
 }
 
 
-def _load(target: str):
-    mod, cfg_name, fn_name = target.split(":")
-    m = importlib.import_module(mod)
-    return getattr(m, cfg_name), getattr(m, fn_name), m
+def _resolve(target: str):
+    """The object `module:name` names (importing the module)."""
+    mod, name = target.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _description(target: str, fallback: str) -> str:
+    """The docstring of the module `target` ("module:function") names, read from its source without importing it
+    (importing a stage module imports torch, about two seconds, for a --help that needs only this text); the
+    one-line help when it has none. Parsing the file takes milliseconds, and the text stays in one place: the
+    module's own docstring, where it documents the command."""
+    spec = importlib.util.find_spec(target.split(":")[0])
+    doc = None
+    if spec is not None and spec.origin and spec.origin.endswith(".py"):
+        with open(spec.origin, encoding="utf-8") as fh:
+            doc = ast.get_docstring(ast.parse(fh.read()), clean=False)
+    return (doc or fallback).strip()
 
 
 def _usage(prefix: str, table: dict) -> str:
@@ -61,7 +94,7 @@ def _usage(prefix: str, table: dict) -> str:
         if isinstance(v, dict):
             lines.append(f"  {name:<12} " + ", ".join(v) + f"  ({prefix} {name} --help)")
         else:
-            lines.append(f"  {name:<12} {v[1]}")
+            lines.append(f"  {name:<12} {v[2]}")
     return "\n".join(lines)
 
 
@@ -98,10 +131,11 @@ def _dispatch(argv: list[str] | None) -> int:
         if isinstance(entry, dict):
             table = entry
             continue
-        cfg_cls, fn, mod = _load(entry[0])
-        desc = (mod.__doc__ or entry[1]).strip()
+        config_target, main_target, help_ = entry
+        cfg_cls, description = _resolve(config_target), _description(main_target, help_)
         try:
-            result = fn(parse(cfg_cls, argv, prog=prefix, description=desc))
+            cfg = parse(cfg_cls, argv, prog=prefix, description=description)  # --help ends here, without torch
+            result = _resolve(main_target)(cfg)
         except SystemExit as e:
             if not isinstance(e.code, str):  # --help (0), argparse's own one-line errors (2), an exit status
                 raise

@@ -10,9 +10,10 @@ Choices:
 - A run folder keeps the resolved config as config.yaml (`save_config`), so a run can be repeated
   with `--config run/config.yaml`.
 - Unknown YAML keys are an error naming the file and the key: a typo must not be silently ignored.
-- Fields shared by several commands are declared once, in a base dataclass (tristage/train/loop.py holds the
-  training ones); a command that needs another default redeclares the field with `arg(default)` alone and
-  inherits its help. Configs are `kw_only` so bases can have defaults and a command a required positional.
+- Fields shared by several commands are declared once, in a base dataclass (tristage/flags/base.py holds the
+  training ones; every command's Config lives in tristage/flags/, without torch, so --help is instant); a command
+  that needs another default redeclares the field with `arg(default)` alone and inherits its help. Configs are
+  `kw_only` so bases can have defaults and a command a required positional.
   `--help` lists a command's own flags first, then those of its bases.
 - Every numeric flag declares its valid range beside its help (`arg(1e-4, help=..., check=">0")`; also ">=0",
   ">=1", "[0, 1)", "(0, 1]", or a function returning the problem), inherited like the help text. `parse` checks

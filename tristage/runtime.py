@@ -8,9 +8,9 @@ Choices, and why:
   resumed run continues bit for bit.
 - RNG state covers Python, numpy, torch and CUDA, so a resumed run draws the same numbers.
 - Progress bars are rich's, with a free-text field for loss, tokens/s and MFU.
-- `--device` and `--dtype` are checked with the other flags, before any work (`device_problem`, `dtype_problem`
-  are their fields' checks): `--device cuda` on a machine without CUDA is a one-line error, not a traceback from
-  deep inside torch after the data has been read.
+- `--device` and `--dtype` are checked with the other flags, before any work (`device_problem`, `dtype_problem`,
+  defined in tristage/flags/base.py with the fields they check and re-exported here): `--device cuda` on a machine
+  without CUDA is a one-line error, not a traceback from deep inside torch after the data has been read.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from tristage.flags.base import device_problem, dtype_problem  # noqa: F401 (dtype_problem: re-exported)
 from tristage.io import UserError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -46,34 +47,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r} (auto, float32, bfloat16, float16)")
     return _DTYPES[name]
-
-
-def dtype_problem(name: str) -> str | None:
-    """What is wrong with `--dtype NAME` (None when nothing): the check of every dtype field."""
-    if name == "auto" or name in _DTYPES:
-        return None
-    return f"must be auto, float32, bfloat16 or float16 (got {name!r})"
-
-
-def device_problem(name: str) -> str | None:
-    """What is wrong with `--device NAME` on this machine (None when nothing): auto, cpu, cuda, cuda:N or mps, and
-    the accelerator it names must be there. The check of every device field."""
-    if name in ("auto", "cpu"):
-        return None
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        return f"must be auto, cpu, cuda, cuda:N or mps (got {name!r})"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"is {name!r}, but CUDA is not available on this machine (use cpu or auto)"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"is {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)"
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        return f"is {name!r}, but MPS is not available on this machine (use cpu or auto)"
-    return None
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:

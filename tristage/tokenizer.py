@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -43,7 +43,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
-from tristage.config import arg
+from tristage.flags.tokenizer import TrainConfig
 from tristage.io import DataError, UserError, atomic_write_text, read_jsonl, read_lines, write_json
 
 EOT = "<|endoftext|>"
@@ -322,18 +322,6 @@ def train_char(files: list[str], special_tokens: Sequence[str] = SPECIAL_TOKENS,
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_tokens])
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return _wrap(tok)
-
-
-@dataclass
-class TrainConfig:
-    """Train a tokenizer on text files and write it as a Hugging Face tokenizer folder."""
-
-    files: list[str] = arg([], help="text files to train on (.txt, or .gz compressed); .jsonl: each record's "
-                                    "--text-field")
-    out: str = arg("tokenizer", help="output folder (tokenizer.json, tokenizer_config.json)")
-    vocab_size: int = arg(4096, check=">=1", help="vocabulary size for --kind bpe, special tokens included")
-    kind: Literal["bpe", "char"] = arg("bpe", help="bpe: byte-level BPE; char: one token per character")
-    text_field: str = arg("text", help="the field holding the text in .jsonl / .json files (as `prepare` reads it)")
 
 
 def train_main(cfg: TrainConfig) -> int:

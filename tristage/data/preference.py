@@ -54,7 +54,6 @@ from typing import Any, Literal
 import jinja2
 import torch
 
-from tristage.config import arg
 from tristage.data.chat import IGNORE, render
 from tristage.data.position import advance, resume_position
 from tristage.data.records import (
@@ -68,6 +67,7 @@ from tristage.data.records import (
     split_train_val,
     text_field,
 )
+from tristage.flags.base import PAIR_LAYOUT_HELP, PairDataArgs, PairLayout  # noqa: F401 (re-exported)
 from tristage.io import DataError
 from tristage.tokenizer import Tokenizer
 
@@ -433,26 +433,6 @@ def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int, pack: boo
     if ratings is not None:
         batch["ratings"] = ratings
     return batch
-
-
-PairLayout = Literal["packed", "shared", "rows"]
-PAIR_LAYOUT_HELP = ("how pairs become rows: packed = each pair's prompt once, then both answers (the rejected one "
-                    "masked from the chosen one), several pairs per row up to the longest pair's length; shared = "
-                    "the same with one pair per row; rows = a row per answer. All three give the same log-probs "
-                    "and scores")
-
-
-@dataclass(kw_only=True)
-class PairDataArgs:
-    """The command-line fields of a stage that trains on preference pairs (reward, dpo)."""
-
-    data: list[str] = arg([], help="preference pairs: JSONL/JSON of prompt|messages + chosen + rejected, or the "
-                                   "Anthropic HH, long-form-QA or PandaLM shapes (.gz ok)")
-    val_data: list[str] = arg([], help="validation pairs (default: hold out --val-fraction of --data)")
-    system_prompt: str | None = arg(None, help="system message for prompts that have none")
-    layout: PairLayout = arg("packed", help=PAIR_LAYOUT_HELP)
-    max_len: int | None = arg(None, help="longest prompt + answer in tokens (default: the model's context, "
-                                         "max_position_embeddings); the prompt is cut from the left (counted)")
 
 
 def pair_collator(layout: PairLayout):

@@ -49,7 +49,6 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +56,8 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from tristage.config import arg, to_dict
+from tristage.config import to_dict
+from tristage.flags.prepare import PrepareConfig
 from tristage.io import DataError, UserError, read_jsonl, read_lines, write_json
 from tristage.tokenizer import EOT, Tokenizer
 
@@ -187,26 +187,6 @@ class _Writer:
         return {"shards": [{"file": f"{self.split}/{i:06d}.bin", "tokens": n} for i, n in enumerate(self.counts)],
                 "docs": self.docs, "tokens": tokens, "bytes": self.bytes,
                 "bytes_per_token": self.bytes / tokens if tokens else None}
-
-
-@dataclass
-class PrepareConfig:
-    """Tokenize text / JSONL / parquet corpora into memory-mapped token shards with a train/val split."""
-
-    inputs: list[str] = arg(help="input files or globs (quote them): .txt, .jsonl, .parquet; .gz accepted")
-    tokenizer: str = arg(help="tokenizer folder (tokenizer.json)")
-    out: str = arg(help="output folder: train/*.bin, val/*.bin, meta.json, tokenizer/")
-    text_field: str = arg("text", help="JSONL field / parquet column holding the text")
-    split: Literal["hash", "tail"] = arg("hash", help="hash: whole documents by hash; tail: the end of each document")
-    val_fraction: float = arg(0.005, check="[0, 1)",
-                              help="fraction of documents (hash) or of each document's characters (tail)")
-    val_docs: int = arg(0, check=">=0",
-                        help="if > 0 (hash split): exactly this many documents in val, overriding --val-fraction")
-    seed: int = arg(0, help="salt of the split hash")
-    shard_tokens: int = arg(100_000_000, check=">=1", help="tokens per shard file")
-    workers: int = arg(2, check=">=1",
-                       help="tokenizer threads (takes effect if the tokenizer has not run yet in this process)")
-    doc_separator: str = arg(EOT, help="a line exactly equal to this separates documents in plain-text files")
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:

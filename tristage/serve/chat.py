@@ -10,31 +10,15 @@ with surrogateescape, so the bad bytes reach the loop as a line it can recognise
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 
-from tristage.config import arg
+from tristage.flags.chat import Config
 from tristage.io import UserError
 from tristage.rollout import load_chat_model
-from tristage.runtime import device_problem
 from tristage.serve.detok import stream_text
 from tristage.serve.engine import Engine, SamplingParams
-
-
-@dataclass
-class Config:
-    """Chat with a model in the terminal (streaming, multi-turn, /reset)."""
-
-    model: str = arg(help="model folder with a chat template (e.g. runs/demo/sft/model)", positional=True)
-    system: str | None = arg(None, help="system prompt")
-    max_new_tokens: int = arg(256, check=">=1", help="tokens per answer at most")
-    temperature: float = arg(0.7, check=">=0", help="sampling temperature; 0 = greedy")
-    top_k: int = arg(0, check=">=0", help="keep only the k most likely tokens (0 = off)")
-    top_p: float = arg(0.9, check="(0, 1]", help="nucleus sampling mass (1 = off)")
-    seed: int = arg(0, help="random seed")
-    device: str = arg("cpu", check=device_problem, help="cpu, cuda, ...")
 
 
 def chat_loop(model, tok, params, system: str | None, stdin: TextIO, stdout: TextIO) -> list[dict[str, str]]:

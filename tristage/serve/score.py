@@ -34,15 +34,14 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import torch
 
-from tristage.config import arg
 from tristage.data.records import prompt_field, prompt_messages
+from tristage.flags.score import Config
 from tristage.io import DataError, UserError, check_writable, read_jsonl, write_jsonl
 from tristage.model.score import load_reward_model
 from tristage.rollout import (  # noqa: F401 (score_texts: re-exported)
@@ -53,25 +52,7 @@ from tristage.rollout import (  # noqa: F401 (score_texts: re-exported)
     score_ids,
     score_texts,
 )
-from tristage.runtime import device_problem, dtype_problem, progress, resolve_dtype
-
-
-@dataclass
-class Config:
-    """Score prompts + responses (or preference pairs) with a reward model folder."""
-
-    rm: str = arg(help="reward model folder (`tristage reward` output, or a Hugging Face *ForSequenceClassification)",
-                  positional=True)
-    file: str = arg(help="JSONL of {prompt | messages, response} or {prompt, chosen, rejected} records (.gz ok)",
-                    positional=True)
-    output: str | None = arg(None, help="write each record + score/scores (or score_chosen/score_rejected) here")
-    batch_size: int = arg(16, check=">=1", help="sequences per forward pass")
-    max_len: int = arg(1024, check=">=1",
-                       help="longest sequence in tokens (capped at the model's max_position_embeddings); "
-                                  "longer ones lose tokens from the left (counted)")
-    device: str = arg("cpu", check=device_problem, help="cpu, cuda, cuda:1, mps")
-    dtype: str = arg("float32", check=dtype_problem, help="float32, bfloat16, float16, or auto")
-    progress: bool = arg(True, help="show a progress bar")
+from tristage.runtime import progress, resolve_dtype
 
 
 # ----------------------------------------------------------------------------- the command

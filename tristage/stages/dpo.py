@@ -38,37 +38,19 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tristage.config import arg
-from tristage.data.preference import PairDataArgs, PairLoader, load_pair_splits, pair_collator
+from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
+from tristage.flags.dpo import Config
 from tristage.io import atomic_write_bytes
 from tristage.model.hf import load_model
 from tristage.rollout import batch_logprobs
 from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
 from tristage.train import loop
-from tristage.train.losses import REFERENCE_FREE, LossType, dpo_loss
-
-
-@dataclass(kw_only=True)
-class Config(PairDataArgs, loop.FinetuneConfig, loop.LoRAArgs):
-    """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO, ORPO) on preference pairs."""
-
-    model: str = arg(help="starting policy folder (usually the SFT model; also the reference)", positional=True)
-    out: str = arg("runs/dpo", help="run folder: config.yaml, metrics.jsonl, reference_logps.pt, model/")
-    ref_model: str | None = arg(None, help="reference model folder (default: the starting policy)")
-    loss: LossType = arg("sigmoid", help="sigmoid (DPO; with --label-smoothing: conservative DPO) | ipo | "
-                                         "simpo (reference-free) | orpo (reference-free, with an SFT term)")
-    beta: float = arg(0.1, check=">0", help="DPO/IPO/SimPO temperature; ORPO's odds-ratio weight lambda")
-    label_smoothing: float = arg(0.0, check="[0, 0.5)",
-                                 help="assumed label-noise rate for conservative DPO / SimPO (0..0.5)")
-    gamma: float = arg(0.5, check="finite", help="SimPO target reward margin")
-    batch_size: int = arg(8, check=">=1", help="pairs per micro-batch per process")
-    lr: float = arg(5e-6, help="peak learning rate (small: DPO moves a model quickly; LoRA wants ~10x more)")
+from tristage.train.losses import REFERENCE_FREE, dpo_loss
 
 
 def losses(logp: torch.Tensor, n: torch.Tensor, ref: torch.Tensor | None, B: int, cfg: Config):

@@ -32,13 +32,11 @@ Simplified: full fine-tuning only (no LoRA), one data mixture.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from tristage.config import arg
-from tristage.data.preference import PairDataArgs, PairLoader, load_pair_splits, pair_collator
+from tristage.data.preference import PairLoader, load_pair_splits, pair_collator
+from tristage.flags.reward import Config
 from tristage.io import UserError
 from tristage.model.hf import load_model
 from tristage.model.score import from_causal_lm, is_reward_folder, load_reward_model, per_row, save_reward_model
@@ -46,24 +44,6 @@ from tristage.runtime import autocast, to_device
 from tristage.train import distributed as dist
 from tristage.train import loop
 from tristage.train.losses import bradley_terry_loss, rating_loss
-
-
-@dataclass(kw_only=True)
-class Config(PairDataArgs, loop.FinetuneConfig):
-    """Train a reward model on preference pairs (Bradley-Terry), with optional per-attribute rating heads."""
-
-    model: str = arg(help="starting model folder: SFT/base checkpoint, Hugging Face causal LM, or a reward model",
-                     positional=True)
-    out: str = arg("runs/reward", help="run folder: config.yaml, metrics.jsonl, model/")
-    batch_size: int = arg(16, check=">=1", help="pairs per micro-batch per process")
-    margin_scale: float = arg(0.0, check=">=0",
-                              help="margin = scale x (mean normalised rating of chosen - of rejected), >= 0")
-    center_coef: float = arg(0.01, check=">=0",
-                             help="reward-centering coefficient: + coef * mean((r_c + r_r)^2); 0: off")
-    attribute_heads: Literal["auto", "on", "off"] = arg("auto", help="per-attribute rating heads (auto: when the "
-                                                                     "training pairs carry ratings)")
-    rating_coef: float = arg(1.0, check=">=0", help="weight of the rating heads' squared error in the loss")
-    attribute_weight: float = arg(1.0, check=">=0", help="total weight of the attribute heads in the combined score")
 
 
 def rating_ranges(examples, attributes: list[str]) -> dict[str, list[float]]:

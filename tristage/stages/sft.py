@@ -25,32 +25,13 @@ Simplified: no NEFTune, no sample weighting; one data mixture (all `--data` file
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
-from tristage.config import arg
 from tristage.data.chat import ChatLoader, encode_conversations, format_skipped, load_conversations
 from tristage.data.records import load_all, split_train_val
+from tristage.flags.sft import Config
 from tristage.io import UserError
 from tristage.train import loop
-
-
-@dataclass(kw_only=True)
-class Config(loop.FinetuneConfig, loop.LoRAArgs):
-    """Instruction-tune a model on chat data (assistant tokens only), fully or with LoRA."""
-
-    data: list[str] = arg([], help="training chats: JSONL/JSON of {messages}, Alpaca or ShareGPT records (.gz ok)")
-    val_data: list[str] = arg([], help="validation chats (default: hold out --val-fraction of --data)")
-    out: str = arg("runs/sft", help="run folder: config.yaml, metrics.jsonl, model/ (and adapter/ with LoRA)")
-    max_len: int | None = arg(None, help="longest conversation in tokens (default: the model's context, "
-                                         "max_position_embeddings); longer ones are truncated (counted)")
-    truncation: Literal["truncate", "drop"] = arg("truncate", help="what to do with conversations over --max-len")
-    mode: Literal["packed", "padded"] = arg("packed", help="pack several conversations per row, or pad each")
-    tokens_per_batch: int = arg(8192, check=">=1", help="token slots per micro-batch per process (rows x length)")
-    epochs: float = arg(2.0)
-    lr: float = arg(1e-4, help="peak learning rate (LoRA typically wants ~10x more)")
-    warmup_steps: int = arg(20)
 
 
 def load_chats(cfg: Config, tokenizer):

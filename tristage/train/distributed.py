@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-Parallel = Literal["ddp", "fsdp"]
+from tristage.flags.base import Parallel
 
 
 @dataclass

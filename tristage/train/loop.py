@@ -17,8 +17,9 @@
 Choices, and why:
 - Functions, not a Trainer class: each stage's loop stays visible in its own file (what it logs, when it evaluates,
   what a batch is), and the parts no stage should write twice live here: run set-up, resume, LoRA, wrapping, the
-  optimizer step, checkpoints, metrics and the progress bar. Stages share data (the Config bases below), not
-  behaviour.
+  optimizer step, checkpoints, metrics and the progress bar. Stages share data (the Config bases RunConfig <
+  TrainConfig < FinetuneConfig and LoRAArgs, defined in tristage/flags/base.py so that --help needs no torch, and
+  importable from here too), not behaviour.
 - `train_step` takes `loss_fn(model, batch) -> (summed loss, {name: summed statistic})` and `count(batch) -> its
   denominator` (trained tokens, or pairs). The denominator is read from the batches before any forward pass and
   summed over every micro-batch and process, so each micro-batch's backward already carries the scale
@@ -56,14 +57,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tristage.config import arg, save_config, to_dict, validate
+from tristage.config import save_config, to_dict, validate
+from tristage.flags.base import (  # noqa: F401 (re-exported: the Config bases of every training stage)
+    LORA_TARGETS,
+    FinetuneConfig,
+    LoRAArgs,
+    RunConfig,
+    TrainConfig,
+)
 from tristage.io import UserError, check_writable, recover_folder
 from tristage.model.hf import config_from_hf, is_score_config, load_model, read_hf_config, save_model
 from tristage.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from tristage.runtime import (
     autocast,
-    device_problem,
-    dtype_problem,
     progress,
     resolve_dtype,
     rng_state,
@@ -73,76 +79,7 @@ from tristage.runtime import (
 )
 from tristage.tokenizer import Tokenizer
 from tristage.train import distributed as dist
-from tristage.train.optim import Schedule, build_optimizer, lr_at, set_lr
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ----------------------------------------------------------------------------- configuration shared by stages
-@dataclass(kw_only=True)
-class RunConfig:
-    """What every run has: a folder, a seed, a device, a precision, a progress bar."""
-
-    out: str = arg("runs/run", help="run folder: config.yaml, metrics.jsonl, model/")
-    seed: int = arg(0, help="seed for initialisation, the data split and the data order")
-    device: str = arg("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
-    dtype: str = arg("auto", check=dtype_problem,
-                     help="autocast dtype: auto (bf16 where native) | float32 | bfloat16 | float16")
-    progress: bool = arg(True, help="show a progress bar")
-
-
-@dataclass(kw_only=True)
-class TrainConfig(RunConfig):
-    """What every training run has: the optimizer, its schedule, the loop's cadence, resuming, parallelism."""
-
-    grad_accum: int = arg(1, check=">=1",
-                          help="micro-batches per optimizer step; global batch = batch x accum x processes")
-    max_steps: int | None = arg(None, check=">=1", help="optimizer steps (default: from --epochs)")
-    lr: float = arg(1e-4, check=">0", help="peak learning rate")
-    min_lr_ratio: float = arg(0.1, check="[0, 1]", help="final learning rate as a fraction of --lr")
-    warmup_steps: int = arg(10, check=">=0", help="linear warmup steps")
-    schedule: Schedule = arg("cosine", help="cosine | wsd (warmup-stable-decay) | constant")
-    weight_decay: float = arg(0.0, check=">=0", help="AdamW weight decay on matrices (and embeddings)")
-    beta1: float = arg(0.9, check="[0, 1)", help="AdamW beta1")
-    beta2: float = arg(0.95, check="[0, 1)", help="AdamW beta2")
-    grad_clip: float = arg(1.0, check=">=0", help="clip the global gradient norm to this (0: off)")
-    compile: bool = arg(False, help="torch.compile the model (pays compile time up front)")
-    activation_checkpointing: bool = arg(False, help="recompute activations in backward to save memory")
-    parallel: dist.Parallel = arg("ddp", help="under torchrun: ddp (replicate) or fsdp (FSDP2 fully_shard)")
-    eval_every: int = arg(100, check=">=0", help="validate every N steps (and at the end); 0: only at the end")
-    save_every: int = arg(500, check=">=0", help="checkpoint every N steps (and at the end)")
-    log_every: int = arg(10, check=">=0", help="write metrics every N steps")
-    resume: bool = arg(False, help="continue the run in --out from its last checkpoint, exactly")
-    overwrite: bool = arg(False, help="start over in an --out that already holds a run (its checkpoint is replaced)")
-    stop_at: int | None = arg(None, check=">=1",
-                              help="checkpoint and stop after this step (split a run into jobs; then --resume)")
-
-
-@dataclass(kw_only=True)
-class FinetuneConfig(TrainConfig):
-    """A training run that starts from a model folder and reads JSONL records (chats or preference pairs)."""
-
-    model: str = arg(help="starting model folder (tristage checkpoint or Hugging Face Llama/Qwen/Mistral)",
-                     positional=True)
-    data: list[str] = arg([], help="training records: JSONL/JSON files (.gz ok)")
-    val_data: list[str] = arg([], help="validation records (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.05, check="[0, 1)",
-                              help="share of --data held out for validation when --val-data is not given")
-    on_error: Literal["raise", "skip"] = arg("raise", help="invalid records: stop at the first, or skip and count")
-    system_prompt: str | None = arg(None, help="system message for conversations that have none")
-    max_len: int | None = arg(None, check=">=1", help="longest sequence in tokens (default: the model's context, "
-                                                      "max_position_embeddings)")
-    epochs: float = arg(1.0, check=">0", help="passes over the training data (ignored when --max-steps is set)")
-
-
-@dataclass(kw_only=True)
-class LoRAArgs:
-    """Low-rank adapters instead of full fine-tuning."""
-
-    lora_rank: int = arg(0, check=">=0", help="LoRA rank; 0 = full fine-tuning")
-    lora_alpha: float = arg(32.0, check=">0", help="LoRA alpha (the update is scaled by alpha / rank)")
-    lora_dropout: float = arg(0.0, check="[0, 1)", help="dropout on the LoRA input")
-    lora_targets: list[str] = arg(LORA_TARGETS, help="module names that get adapters")
+from tristage.train.optim import build_optimizer, lr_at, set_lr
 
 
 # ----------------------------------------------------------------------------- run set-up and resume

@@ -27,13 +27,13 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LossType = Literal["sigmoid", "ipo", "simpo", "orpo"]
+from tristage.flags.base import LossType
+
 REFERENCE_FREE = ("simpo", "orpo")
 
 

@@ -12,12 +12,11 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import nn
 
-Schedule = Literal["cosine", "wsd", "constant"]
+from tristage.flags.base import Schedule
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
