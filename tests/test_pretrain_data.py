@@ -309,6 +309,24 @@ def test_bom_is_accepted_and_folders_and_empty_corpora_refused(tmp_path, tok_dir
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+def test_inputs_of_whitespace_only_are_refused_and_whitespace_documents_kept(tmp_path, tok_dir):
+    (tmp_path / "blank.txt").write_text("\n   \n\t\n", encoding="utf-8")  # a plain-text file: named
+    (tmp_path / "seps.txt").write_text(f"\n{EOT}\n  \n{EOT}\n", encoding="utf-8")
+    for name in ("blank.txt", "seps.txt"):
+        with pytest.raises(DataError, match=rf"{name}: no text \(only whitespace\)"):
+            prepare(_cfg(tmp_path, tok_dir, [tmp_path / name]), progress=False)
+    (tmp_path / "ws.jsonl").write_text('{"text": "  "}\n{"text": "\\n"}\n{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"no training text: 3 documents read, 2 not empty, none with more than "
+                                        r"whitespace"):
+        prepare(_cfg(tmp_path, tok_dir, [tmp_path / "ws.jsonl"]), progress=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
+    # a document of whitespace beside real text is kept, as before (the demo's shards depend on it)
+    (tmp_path / "mixed.txt").write_text(f"hello there\n{EOT}\n  \n{EOT}\nthe dog\n", encoding="utf-8")
+    meta = prepare(_cfg(tmp_path, tok_dir, [tmp_path / "mixed.txt"], val_fraction=0.0), progress=False)
+    assert meta["docs_read"] == 3 and meta["splits"]["train"]["docs"] == 3
+    assert _decode_split(tmp_path / "out", "train") == ["hello there\n", "  \n", "the dog\n"]
+
+
 def test_shards_and_their_tokenizer_are_checked(tmp_path, tok_dir):
     (tmp_path / "c.txt").write_text(_doc(random.Random(3), 300), encoding="utf-8")
     out = tmp_path / "out"

@@ -317,7 +317,8 @@ def test_cli_reads_jsonl_text_and_names_bad_files(corpus, tmp_path, capsys):
     assert not {'"', "{", "}"} & set(Tokenizer.load(tmp_path / "j").tok.get_vocab())  # no JSON syntax learned
     bad = {"empty.txt": b"", "blank.jsonl": b"\n", "latin1.txt": "a\nb\ncaf\xe9\n".encode("latin-1"),
            "trunc.txt.gz": gzip.compress(b"some words\n" * 5000)[:-40], "nofield.jsonl": b'{"body": "x"}\n',
-           "notext.jsonl": b'{"text": ""}\n', "bom.txt": b"\xef\xbb\xbf"}
+           "notext.jsonl": b'{"text": ""}\n', "bom.txt": b"\xef\xbb\xbf", "blank.txt": b"\n  \n\t\n",
+           "wsonly.jsonl": b'{"text": " "}\n{"text": "\\n"}\n'}
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "folder").mkdir()
@@ -325,6 +326,7 @@ def test_cli_reads_jsonl_text_and_names_bad_files(corpus, tmp_path, capsys):
              ("latin1.txt", "latin1.txt:3: not UTF-8 text (byte 0xe9"), ("trunc.txt.gz", "trunc.txt.gz: not a valid "
              "gzip file, or a truncated one"), ("nofield.jsonl", "nofield.jsonl:1: field 'text': missing"),
              ("notext.jsonl", "notext.jsonl: no text to train on"), ("bom.txt", "bom.txt: no text to train on"),
+             ("blank.txt", "blank.txt: no text to train on"), ("wsonly.jsonl", "wsonly.jsonl: no text to train on"),
              ("folder", "folder: is a folder"), ("missing.txt", "missing.txt: no such file")]
     for name, message in cases:
         assert main(["tokenizer", "--files", str(tmp_path / name), "--out", str(tmp_path / "t")]) == 2, name

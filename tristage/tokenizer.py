@@ -327,9 +327,10 @@ def train_char(files: list[str], special_tokens: Sequence[str] = SPECIAL_TOKENS,
 def train_main(cfg: TrainConfig) -> int:
     if not cfg.files:
         raise SystemExit("tristage tokenizer: give the text files to train on with --files a.txt b.txt.gz")
-    for f in cfg.files:  # each file is readable and holds some text (its first chunk read), before training
-        if next(_pieces([f], SPECIAL_TOKENS, text_field=cfg.text_field), None) is None:
-            raise DataError(f, None, "no text to train on")
+    for f in cfg.files:  # each file is readable and holds some text besides whitespace, before training (a file
+        # with text is read only up to its first chunk; a blank one to its end)
+        if all(p.isspace() for p in _pieces([f], SPECIAL_TOKENS, text_field=cfg.text_field)):
+            raise DataError(f, None, "no text to train on (the file is empty or holds only whitespace)")
     tok = (train_bpe(cfg.files, cfg.vocab_size, text_field=cfg.text_field) if cfg.kind == "bpe"
            else train_char(cfg.files, text_field=cfg.text_field))
     tok.save(cfg.out)

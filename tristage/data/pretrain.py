@@ -7,9 +7,10 @@ Choices:
   .parquet the --text-field column (needs pyarrow); anything else is plain text. A plain-text file is one document
   unless it holds lines that are exactly --doc-separator, which then cut it into documents, verbatim (line breaks
   kept). Empty documents are skipped and counted; a bad record raises DataError with its file, line (parquet: row)
-  and field. Nothing else is dropped. An input file that is empty, a folder, not UTF-8, a damaged gzip or parquet is
-  a DataError naming it (`tristage.io.read_lines`), and inputs with no training text at all are an error (no
-  meta.json is written), not an empty dataset.
+  and field. Nothing else is dropped (a document of whitespace is kept as it is). An input file that is empty, a
+  folder, not UTF-8, a damaged gzip or parquet, or a plain-text file of blank lines only is a DataError naming it
+  (`tristage.io.read_lines`, `read_documents`), and inputs with no training text at all (no document with more than whitespace) are
+  an error (no meta.json is written), not an empty dataset.
 - Every document is followed by the tokenizer's eos (`<|endoftext|>`), as GPT-2 and nanoGPT's openwebtext do: the
   split becomes one token stream the loader may cut anywhere, and the model sees the boundaries. A literal
   "<|endoftext|>" inside a text also encodes as eos.
@@ -120,16 +121,19 @@ def read_documents(path: str, text_field: str = "text", separator: str = EOT) ->
             raise DataError(path, None, "no rows (the file is empty)")
     else:
         buf: list[str] = []
-        empty = True
+        empty = blank = True
         for _, line in read_lines(path):
             empty = False
             if line.rstrip("\r\n") == separator:
                 yield "".join(buf)
                 buf = []
             else:
+                blank = blank and line.isspace()
                 buf.append(line)
         if empty:
             raise DataError(path, None, "no text (the file is empty)")
+        if blank:
+            raise DataError(path, None, "no text (only whitespace)")
         yield "".join(buf)
 
 
@@ -211,6 +215,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     writers = {s: _Writer(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     key, heap, order = str(cfg.seed).encode(), [], itertools.count()
     stats = {"docs_read": 0, "empty_docs_skipped": 0}
+    blank_only = [True]  # no document so far holds more than whitespace (kept out of stats: meta.json stays as it was)
 
     def chunks(bar: Progress, task) -> Iterator[list[tuple[str | None, str, int, float]]]:
         items, size, done = [], 0, 0
@@ -223,6 +228,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                 if not text:
                     stats["empty_docs_skipped"] += 1
                     continue
+                if blank_only[0] and not text.isspace():
+                    blank_only[0] = False
                 if cfg.split == "tail":
                     at = int(len(text) * (1 - cfg.val_fraction))
                     parts = [("train", text[:at]), ("val", text[at:])]
@@ -277,10 +284,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         writers["val"].bytes += nbytes
     for w in writers.values():
         w.close()
-    if not writers["train"].docs:  # no meta.json: the folder is not a dataset
+    if not writers["train"].docs or blank_only[0]:  # no meta.json: the folder is not a dataset
         docs = stats["docs_read"] - stats["empty_docs_skipped"]
         raise UserError(f"--inputs: no training text: {stats['docs_read']} documents read, {docs} not empty"
-                        + (f", all of them in val (--val-docs {cfg.val_docs})" if docs and cfg.val_docs else ""))
+                        + (", none with more than whitespace" if docs and blank_only[0] else
+                           f", all of them in val (--val-docs {cfg.val_docs})" if docs and cfg.val_docs else ""))
     tok.save(out / "tokenizer")
     meta = {"format": "tristage-tokens-v1", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
             "eos_id": eos, "tokenizer": {"source": str(Path(cfg.tokenizer).resolve()), "copy": "tokenizer",
