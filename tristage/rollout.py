@@ -154,7 +154,7 @@ class Rollout:
 
 
 def sample_answers(engine: Engine, tokenizer: Any, messages: Sequence[Messages], k: int, params: SamplingParams,
-                   generator: torch.Generator | None = None) -> list[list[Rollout]]:
+                   generator: torch.Generator | list[torch.Generator] | None = None) -> list[list[Rollout]]:
     """k rollouts per prompt (each a list of chat messages ending with the user's turn), all in one engine batch."""
     ids = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
     outs = engine.generate([x for x in ids for _ in range(k)], params, generator=generator)

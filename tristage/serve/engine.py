@@ -178,11 +178,15 @@ class Batch:
     row_idx: Tensor | None = None  # `rows` as a tensor, once rows have left
     checked: int = 0  # steps already searched for stop tokens
 
-    def sample(self, step: int, logits: Tensor, p: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    def sample(self, step: int, logits: Tensor, p: SamplingParams,
+               generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
         """Draw this step's tokens from logits [b, V] and record them (and their log-probs) at `step`: -> [b]."""
         logits = logits.float()
         noise = None
-        if p.temperature != 0:  # drawn for the whole original batch: a row's draws do not depend on who left
+        if isinstance(generator, list):  # one generator per prompt: a row's draws depend on its own seed only
+            noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(1, generator=g)
+                                 for g in (generator[r] for r in self.rows)]) if p.temperature != 0 else None
+        elif p.temperature != 0:  # drawn for the whole original batch: a row's draws do not depend on who left
             noise = torch.empty(self.size, logits.shape[-1], device=logits.device).exponential_(1, generator=generator)
             noise = noise[self.row_idx] if self.row_idx is not None else noise
         tok, slp = sample(logits, p, noise)
@@ -248,10 +252,13 @@ class Engine:
 
     # ---- public API ---------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
-                 generator: torch.Generator | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  on_token: Callable[[list[int], list[int]], None] | None = None) -> list[Completion]:
         """Complete every prompt (lists of token ids). on_token(rows, tokens), if given, is called after each step
-        with the prompt indices still running and their new tokens (this syncs every step)."""
+        with the prompt indices still running and their new tokens (this syncs every step). `generator` may be a
+        list with one generator per prompt: each row then draws from its own, so its tokens depend only on its
+        prompt and seed, not on the other prompts of the call (RL: the same samples however the rollouts are split
+        over processes and calls)."""
         results: list[Completion | None] = [None] * len(prompts)
         for rows, toks in self._run(prompts, params or SamplingParams(), generator, results, on_token is not None):
             on_token(rows, toks)  # type: ignore[misc]
@@ -279,7 +286,8 @@ class Engine:
             self.model.train(training)
 
     @torch.inference_mode()
-    def _loop(self, prompts: Sequence[Sequence[int]], p: SamplingParams, generator: torch.Generator | None,
+    def _loop(self, prompts: Sequence[Sequence[int]], p: SamplingParams,
+              generator: torch.Generator | list[torch.Generator] | None,
               results: list[Completion | None], stream: bool) -> Iterator[tuple[list[int], list[int]]]:
         """Yields (prompt indices, tokens) of the live rows after each step when `stream`; fills `results`."""
         batch, logits = self._prefill(prompts, p)

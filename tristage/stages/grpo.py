@@ -1,0 +1,170 @@
+"""Stage 3b without a critic: GRPO and RLOO. k answers per prompt; each answer's advantage is its reward measured
+against the other answers to the same prompt, so no value model is trained.
+
+    tristage grpo runs/sft/model --reward runs/reward/model --prompts prompts.jsonl --out runs/grpo
+    tristage grpo runs/sft/model --reward gold --prompts p.jsonl                        # a verifier as the reward
+    tristage grpo runs/sft/model --reward python:mypkg.rewards:exact --prompts p.jsonl  # any Python function
+    tristage grpo runs/sft/model --reward runs/reward/model --prompts p.jsonl --baseline rloo --beta 0.05
+
+The algorithm (estimators in tristage/train/rl.py):
+1. Rollout: each prompt gets --num-samples answers from the policy (the shared engine, one seed per answer); one
+   no-grad pass gives the policy's and the reference's log-probs of every answer token (sampling temperature).
+2. Reward: the reward model's score, or any scorer (`gold`, `python:MODULE:FUNCTION` called as
+   f(prompt text, [answers]) -> [numbers]), minus --missing-eos-penalty for answers that did not end their turn.
+3. Advantage, one flag apart (--baseline):
+   grpo           (r - mean of the group) / (std of the group + 1e-4); the KL is a k3 penalty in the loss,
+                  beta * k3 per token (DeepSeekMath), when --beta > 0;
+   grpo-unscaled  r - mean of the group (no division by the std: "Dr. GRPO");
+   rloo           r' - mean of the other k - 1 answers' r', with r' = r - beta * (sum of k1 over the answer): the
+                  KL is in the reward (Ahmadian et al. 2024), never also in the loss.
+4. Update: --ppo-epochs passes (default 1: each batch is used once, so the ratio is 1 and the clip only guards the
+   minibatches after the first) over --num-minibatches minibatches, the clipped surrogate with the answer's
+   advantage at each of its tokens. Aggregation (--loss-agg): `token`, the mean over every answer token of the
+   batch (DAPO, Dr. GRPO; the default: a long answer's tokens weigh as much as a short one's), or `sequence`, each
+   answer's token mean and then the mean over answers (GRPO's original form).
+
+Choices, and why:
+- Prompts whose k answers all get the same reward carry no signal (every advantage is 0); they are counted
+  ("solved_or_flat", the share of such groups) and still trained on, which only costs compute.
+- The reference is loaded only when it is used (beta > 0) or for the held-out monitor's KL, which every run has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tristage.config import arg
+from tristage.io import UserError
+from tristage.model.hf import load_model
+from tristage.rollout import stop_ids as stop_ids_of
+from tristage.stages import rl
+from tristage.train import loop
+from tristage.train.rl import Baseline, clipped_policy_loss, group_advantages, kl_estimate
+
+
+@dataclass(kw_only=True)
+class Config(rl.RLArgs, loop.TrainConfig):
+    """GRPO / RLOO: critic-free RL from a reward model or any scoring function."""
+
+    model: str = arg(help="starting policy folder (the SFT model; also the reference)", positional=True)
+    reward: str = arg(help="reward: a reward-model folder (or rm:PATH) | gold (the demo world's scorer) | "
+                           "python:MODULE:FUNCTION, f(prompt, [answers]) -> [scores]")
+    out: str = arg("runs/grpo", help="run folder: config.yaml, metrics.jsonl, curves.png, model/, best/")
+    baseline: Baseline = arg("grpo", help="grpo (group-normalised) | grpo-unscaled (Dr. GRPO) | rloo (leave-one-out,"
+                                          " KL in the reward)")
+    num_samples: int = arg(8, check=">=2", help="answers per prompt (the group)")
+    batch_size: int = arg(8, check=">=1", help="prompts per rollout batch per process (x --num-samples answers)")
+    ppo_epochs: int = arg(1, check=">=1", help="passes over each rollout batch")
+    beta: float = arg(0.0, check=">=0", help="KL coefficient: grpo: beta * k3 per token in the loss; rloo: "
+                                             "-beta * KL of the answer in its reward")
+    loss_agg: Literal["token", "sequence"] = arg("token", help="token: mean over all answer tokens | sequence: "
+                                                               "mean over answers of each answer's token mean")
+    missing_eos_penalty: float = arg(0.0, check=">=0",
+                                     help="subtracted from the reward of an answer that did not end its turn")
+    lr: float = arg(1e-5, check=">0", help="peak learning rate")
+
+
+def advantages(b: rl.Rollouts, rewards: list[float], k: int, cfg: Config, s: loop.Session) -> dict[str, float]:
+    """Per-answer advantages (stored per token in b.extra["adv"]) from the group baseline."""
+    r = torch.tensor(rewards, dtype=torch.float32, device=s.device)
+    r = r - cfg.missing_eos_penalty * (~torch.tensor(b.stopped, device=s.device))
+    if cfg.baseline == "rloo" and cfg.beta > 0:
+        kl = kl_estimate(b.old_logp, b.ref_logp, "k1")
+        r = r - cfg.beta * torch.zeros_like(r).index_add(0, b.rows.row, kl)
+    groups = r.view(-1, k)
+    adv = group_advantages(groups, cfg.baseline).flatten()
+    b.extra["adv"] = adv[b.rows.row]
+    flat = float((groups.max(1).values == groups.min(1).values).float().mean())
+    return {"shaped_reward": float(r.mean()), "flat_groups": flat}
+
+
+def main(cfg: Config) -> dict:
+    rl.check_args(cfg)
+    s = loop.start(cfg, "grpo")
+    if s.state is not None:
+        loop.model_config(s.ckpt)
+    ctx = loop.fit_max_len(None, cfg.model, *([cfg.ref_model] if cfg.ref_model else []))
+    if cfg.max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"({ctx} positions)")
+    tokenizer = loop.chat_tokenizer(cfg.model)
+    train, val, notes = rl.load_prompt_splits(cfg, tokenizer, ctx - cfg.max_new_tokens)
+    reward = rl.make_scorer(cfg.reward, s, 1 << 30, "--reward")
+    gold = rl.make_scorer(cfg.gold, s, 1 << 30, "--gold") if cfg.gold else None
+    policy = loop.load_policy(s)
+    ref = load_model(cfg.ref_model or cfg.model, device=s.device, dtype=torch.float32).eval().requires_grad_(False)
+    t = loop.prepare(s, policy)
+    d, stops, k = s.d, stop_ids_of(tokenizer, cfg.model), cfg.num_samples
+    loader = rl.PromptLoader(train, cfg.batch_size, cfg.seed, d.rank, d.world_size)
+    max_steps = loop.total_steps(cfg, loader.steps_per_epoch())
+    per_step = cfg.ppo_epochs * cfg.num_minibatches
+    start = loop.restore(s, t, loader)
+    monitor = rl.Monitor(cfg, s, val, reward, gold, tokenizer, stops)
+    if s.state is not None:
+        monitor.load_state_dict(s.state["monitor"])
+    loop.announce(s, *notes, f"{cfg.baseline}, {k} answers per prompt, loss {cfg.loss_agg} mean, beta {cfg.beta}; "
+                             f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
+                             f"prompts per step, {per_step} updates each; {max_steps} steps; {s.dtype}, {s.device}")
+    kl_in_loss = cfg.baseline != "rloo" and cfg.beta > 0
+    ratio_max: list[float] = []
+
+    def loss_fn(wrapped, mb):
+        logp, _ = rl.policy_logprobs(wrapped, mb, cfg.temperature)
+        one = torch.ones_like(logp, dtype=torch.bool)[None]
+        w = (1.0 / mb["seq_len"])[None] if cfg.loss_agg == "sequence" else None
+        loss, st = clipped_policy_loss(logp[None], mb["old_logp"][None], mb["adv"][None], one, cfg.clip, w)
+        ratio_max.append(float(st.pop("ratio_max")))
+        if kl_in_loss:
+            kl = kl_estimate(logp, mb["ref_logp"], "k3")
+            loss = loss + cfg.beta * (kl * (w[0] if w is not None else 1.0)).sum()
+            st["kl_loss"] = kl.detach().sum()
+        return loss, st
+
+    def count(mb) -> float:
+        return mb["n_seqs"] if cfg.loss_agg == "sequence" else len(mb["lp_tok"])
+
+    metrics: dict = {}
+    done = start
+    with loop.Reporter(s, max_steps, start) as rep:
+        watch = rl.Watch(rep)
+        for step in range(start, max_steps):
+            rows = next(loader)
+            b = rl.collect(policy, ref, tokenizer, stops, rows, k, step, d.rank * cfg.batch_size * k, cfg, s)
+            rewards = rl.score(reward, b.messages, b.texts, k)
+            golds = rl.score(gold, b.messages, b.texts, k) if gold is not None else None
+            extra = advantages(b, rewards, k, cfg, s)
+            m = rl.batch_stats(b, d, kl_estimate(b.old_logp, b.ref_logp, "k1"), rewards, golds)
+            upd: dict[str, float] = {}
+            ratio_max.clear()
+            for epoch in range(cfg.ppo_epochs):
+                for j, order in enumerate(rl.minibatch_orders(len(b.texts), cfg.num_minibatches, cfg.seed, step,
+                                                              epoch, d.rank)):
+                    micro = b.micro_batches(order, cfg.micro_batch_size or len(order))
+                    u = loop.train_step(s, t, micro, loss_fn, count, step * per_step + epoch * cfg.num_minibatches + j,
+                                        max_steps * per_step)
+                    if not upd:
+                        upd["ratio_first"] = u["ratio"]
+                    for key in ("loss", "clipfrac", "ratio", "approx_kl", "grad_norm", "lr", *(["kl_loss"] if
+                                                                                               kl_in_loss else [])):
+                        upd[key] = upd.get(key, 0.0) + u[key] / per_step
+            m.update(upd, ratio_max=rl.global_max(max(ratio_max), d), **extra)
+            rep.count(len(b.texts) * d.world_size)
+            done = step + 1
+            watch.check(done, m)
+            if loop.due(done, cfg.log_every, max_steps):
+                metrics = {**m, "answers_per_s": rep.rate()}
+                rep.record(done, metrics, f"reward {m['reward']:.3f}  KL {m['kl']:.2f}" +
+                           (f"  gold {m['gold']:.3f}" if "gold" in m else ""))
+            if loop.due(done, cfg.eval_every, max_steps):
+                metrics.update(rl.monitor_step(monitor, rep, watch, done, t.model, ref, tokenizer, cfg))
+            if loop.save_due(s, done, max_steps):
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps, parent=cfg.model,
+                          state={"monitor": monitor.state_dict()})
+            rep.advance(done)
+            if loop.stop_due(s, done):
+                break
+    loop.finish(s)
+    return metrics

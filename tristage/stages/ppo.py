@@ -1,0 +1,222 @@
+"""Stage 3b, RLHF with PPO: the policy answers prompts, the reward model scores the answers, PPO moves the policy.
+
+    tristage ppo runs/sft/model --reward runs/reward/model --prompts prompts.jsonl --out runs/ppo
+    tristage ppo runs/sft/model --reward runs/reward/model --prompts p.jsonl --gold gold      # demo world: + gold
+    tristage ppo runs/sft/model --reward runs/reward/model --prompts p.jsonl --kl-target 3    # adaptive KL
+
+The algorithm (InstructGPT's form; the estimators are pure functions in tristage/train/rl.py):
+1. Rollout: each prompt of a batch gets one answer sampled from the policy (the shared engine, KV cache, one seed
+   per answer); a no-grad pass gives the policy's and the frozen reference's log-probs of every answer token at
+   the sampling temperature, and the value model's value before each token.
+2. Reward: per token r_t = -beta * KL_t (k1 = log p - log p_ref; the KL is in the reward, never in the loss), plus
+   at the last token the reward model's score of the answer (minus --missing-eos-penalty when the answer did not
+   end its turn). GAE (--gamma, --lam) gives advantages, whitened over the batch's tokens (every process's), and
+   returns = advantages + values.
+3. Update: --ppo-epochs passes over the batch in --num-minibatches minibatches, one optimizer step each: the
+   clipped policy loss plus --vf-coef times the clipped value loss, each the mean over the minibatch's tokens.
+   Policy and value model are one module with one AdamW and one gradient clip (as TRL's PPO trainer).
+4. --kl-target makes beta adaptive (Ziegler et al.): after each batch, beta moves toward the KL target.
+
+Choices, and why:
+- The value model starts from the reward model (--value-model reward, the default: at the answer's last token its
+  value already equals the reward, which makes the first critic estimates sensible) or the policy (--value-model
+  policy: a new head on a copy of the SFT model) or another reward-model folder. Its weights travel in
+  training_state.pt, so a checkpoint stays a plain Hugging Face policy folder; out/value is written at the end
+  (a reward-model folder, for inspection).
+- --max-steps counts rollout batches; the optimizer takes ppo_epochs x num_minibatches steps per batch, and the
+  learning-rate schedule runs over those.
+- Dropout: the models have none (LoRA dropout is not offered here), so the first minibatch's ratio is 1 (tested).
+- Metrics per step: reward, gold (with --gold), KL, entropy, length, stop rate, distinct answers, the beta in use,
+  clip fraction, value loss, explained variance, ratio mean and max; warnings when the KL goes negative, the ratio
+  drifts, answers collapse or the held-out reward rises while the gold falls (tristage/stages/rl.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tristage.config import arg
+from tristage.io import UserError
+from tristage.model.hf import load_model, save_model
+from tristage.model.score import ScoreModel, load_reward_model, save_reward_model, value_model_from
+from tristage.rollout import stop_ids as stop_ids_of
+from tristage.runtime import autocast
+from tristage.stages import rl
+from tristage.train import loop
+from tristage.train.rl import (
+    AdaptiveKL,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_whiten,
+    token_rewards,
+)
+
+
+@dataclass(kw_only=True)
+class Config(rl.RLArgs, loop.TrainConfig):
+    """PPO against a reward model (RLHF), from an SFT model."""
+
+    model: str = arg(help="starting policy folder (the SFT model; also the reference)", positional=True)
+    reward: str = arg(help="reward model folder (tristage reward), or rm:PATH")
+    out: str = arg("runs/ppo", help="run folder: config.yaml, metrics.jsonl, curves.png, model/, best/, value/")
+    value_model: str = arg("reward", help="value model start: reward (the reward model) | policy | a reward-model "
+                                          "folder")
+    ppo_epochs: int = arg(4, check=">=1", help="passes over each rollout batch")
+    beta: float = arg(0.05, check=">=0", help="KL coefficient: -beta * KL(policy || reference) per token, in the "
+                                              "reward (not in the loss)")
+    kl_target: float | None = arg(None, check=">0", help="adaptive KL: steer beta toward this KL per answer (nats)")
+    kl_horizon: int = arg(10000, check=">=1", help="adaptive KL horizon (answers)")
+    gamma: float = arg(1.0, check="[0, 1]", help="GAE discount")
+    lam: float = arg(0.95, check="[0, 1]", help="GAE lambda")
+    value_clip: float = arg(0.2, check=">0", help="value clip range around the rollout's values")
+    vf_coef: float = arg(0.1, check=">=0", help="weight of the value loss")
+    missing_eos_penalty: float = arg(1.0, check=">=0",
+                                     help="subtracted from the score of an answer that did not end its turn")
+    lr: float = arg(1e-5, check=">0", help="peak learning rate (policy and value model)")
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and the value model as one module: one forward gives both (so DDP syncs both)."""
+
+    def __init__(self, policy: nn.Module, value: ScoreModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, batch: dict[str, Tensor], temperature: float) -> tuple[Tensor, Tensor]:
+        """Log-probs [M] of the answer tokens and the values [M] before each (flat layout, tristage.stages.rl)."""
+        logp, _ = rl.policy_logprobs(self.policy, batch, temperature)
+        at = (batch["lp_row"], batch["lp_pos"])
+        return logp, self.value(batch["input_ids"], at=at)[:, 0].float()
+
+
+def value_start(cfg: Config, s: loop.Session, reward_folder: str) -> ScoreModel:
+    """The value model: the resumed run's, else from the reward model, the policy or a folder (--value-model)."""
+    if cfg.value_model == "policy":
+        vm = value_model_from(load_model(cfg.model, device=s.device, dtype=torch.float32), seed=cfg.seed)
+    else:
+        folder = reward_folder if cfg.value_model == "reward" else cfg.value_model
+        loop.model_config(folder, "reward")
+        vm = value_model_from(load_reward_model(folder, device=s.device, dtype=torch.float32))
+    if s.state is not None:
+        vm.load_state_dict(s.state["value"])
+    return vm
+
+
+def advantages(b: rl.Rollouts, scores: list[float], value: ScoreModel, beta: float, cfg: Config,
+               s: loop.Session) -> dict[str, float]:
+    """Values, per-token rewards, GAE and whitened advantages of a rollout batch, stored in b.extra (flat [M])."""
+    with torch.no_grad(), autocast(s.device, s.dtype):
+        v = value(b.rows.input_ids, at=(b.rows.row, b.rows.pos))[:, 0].float()
+    mask = b.rows.mask()
+    sc = torch.tensor(scores, device=s.device) - cfg.missing_eos_penalty * (~torch.tensor(b.stopped, device=s.device))
+    kl = kl_estimate(b.old_logp, b.ref_logp, "k1")
+    r = token_rewards(sc, b.rows.padded(kl), mask, beta)
+    adv, ret = gae(r, b.rows.padded(v), mask, cfg.gamma, cfg.lam)
+    adv = masked_whiten(adv, mask, stats=rl.global_mean_var(adv[mask], s.d))
+    b.extra.update(values=v, adv=adv[mask], returns=ret[mask], kl=kl)
+    return {"score": float(sc.mean()), "explained_variance": explained_variance(b.rows.padded(v), ret, mask)}
+
+
+def main(cfg: Config) -> dict:
+    rl.check_args(cfg)
+    s = loop.start(cfg, "ppo")
+    if s.state is not None:
+        loop.model_config(s.ckpt)
+    reward_folder = cfg.reward.removeprefix("rm:")
+    loop.model_config(reward_folder, "reward")
+    ctx = loop.fit_max_len(None, cfg.model, *([cfg.ref_model] if cfg.ref_model else []))
+    if cfg.max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"({ctx} positions)")
+    tokenizer = loop.chat_tokenizer(cfg.model)
+    train, val, notes = rl.load_prompt_splits(cfg, tokenizer, ctx - cfg.max_new_tokens)
+    reward = rl.make_scorer(reward_folder, s, 1 << 30, "--reward")
+    gold = rl.make_scorer(cfg.gold, s, 1 << 30, "--gold") if cfg.gold else None
+    policy = loop.load_policy(s)
+    ref = load_model(cfg.ref_model or cfg.model, device=s.device, dtype=torch.float32).eval().requires_grad_(False)
+    value = value_start(cfg, s, reward_folder)
+    t = loop.prepare(s, PolicyAndValue(policy, value))
+    d, stops = s.d, stop_ids_of(tokenizer, cfg.model)
+    loader = rl.PromptLoader(train, cfg.batch_size, cfg.seed, d.rank, d.world_size)
+    max_steps = loop.total_steps(cfg, loader.steps_per_epoch())
+    per_step = cfg.ppo_epochs * cfg.num_minibatches
+    start = loop.restore(s, t, loader)
+    kl_ctl = AdaptiveKL(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+    monitor = rl.Monitor(cfg, s, val, reward, gold, tokenizer, stops)
+    if s.state is not None:
+        kl_ctl.value = s.state["kl_coef"]
+        monitor.load_state_dict(s.state["monitor"])
+    loop.announce(s, *notes, f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
+                             f"answers per step, {per_step} updates each; {max_steps} steps; value model from "
+                             f"{cfg.value_model}; {s.dtype}, {s.device}")
+    ratio_max: list[float] = []
+
+    def loss_fn(wrapped, mb):
+        logp, v = wrapped(mb, cfg.temperature)
+        one = torch.ones_like(logp, dtype=torch.bool)[None]
+        pg, st = clipped_policy_loss(logp[None], mb["old_logp"][None], mb["adv"][None], one, cfg.clip)
+        vl, vst = clipped_value_loss(v[None], mb["values"][None], mb["returns"][None], one, cfg.value_clip)
+        ratio_max.append(float(st.pop("ratio_max")))
+        return pg + cfg.vf_coef * vl, {"pg_loss": pg.detach(), "vf_loss": vl.detach(), **st, **vst}
+
+    metrics: dict = {}
+    done = start
+    with loop.Reporter(s, max_steps, start) as rep:
+        watch = rl.Watch(rep)
+        for step in range(start, max_steps):
+            rows = next(loader)
+            b = rl.collect(policy, ref, tokenizer, stops, rows, 1, step, d.rank * cfg.batch_size, cfg, s)
+            scores = rl.score(reward, b.messages, b.texts, 1)
+            golds = rl.score(gold, b.messages, b.texts, 1) if gold is not None else None
+            extra = advantages(b, scores, value, kl_ctl.value, cfg, s)
+            m = rl.batch_stats(b, d, b.extra["kl"], scores, golds)
+            upd: dict[str, float] = {}
+            ratio_max.clear()
+            for epoch in range(cfg.ppo_epochs):
+                for j, order in enumerate(rl.minibatch_orders(len(b.texts), cfg.num_minibatches, cfg.seed, step,
+                                                              epoch, d.rank)):
+                    micro = b.micro_batches(order, cfg.micro_batch_size or len(order))
+                    u = loop.train_step(s, t, micro, loss_fn, lambda mb: len(mb["lp_tok"]),
+                                        step * per_step + epoch * cfg.num_minibatches + j, max_steps * per_step)
+                    if not upd:
+                        upd["ratio_first"] = u["ratio"]
+                    for key in ("loss", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "ratio", "approx_kl",
+                                "grad_norm", "lr"):
+                        upd[key] = upd.get(key, 0.0) + u[key] / per_step
+            m.update(upd, ratio_max=rl.global_max(max(ratio_max), d), beta=kl_ctl.value, **extra)
+            kl_ctl.update(m["kl"], len(b.texts) * d.world_size)
+            rep.count(len(b.texts) * d.world_size)
+            done = step + 1
+            watch.check(done, m)
+            if loop.due(done, cfg.log_every, max_steps):
+                metrics = {**m, "answers_per_s": rep.rate()}
+                rep.record(done, metrics, f"reward {m['reward']:.3f}  KL {m['kl']:.2f}" +
+                           (f"  gold {m['gold']:.3f}" if "gold" in m else ""))
+            if loop.due(done, cfg.eval_every, max_steps):
+                metrics.update(rl.monitor_step(monitor, rep, watch, done, policy, ref, tokenizer, cfg))
+            if loop.save_due(s, done, max_steps):
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps, parent=cfg.model,
+                          save_fn=save_policy, state={"kl_coef": kl_ctl.value, "monitor": monitor.state_dict()})
+            rep.advance(done)
+            if loop.stop_due(s, done):
+                break
+    if s.is_main and done == max_steps:
+        save_reward_model(value, s.out / "value", tokenizer, dtype=torch.float32)
+        monitor.plot()
+    loop.finish(s)
+    return metrics
+
+
+def save_policy(model: PolicyAndValue, folder, tokenizer, *, state_dict, training_state, **kw):
+    """The checkpoint: the policy as a Hugging Face folder; the value model's weights in training_state.pt."""
+    pol = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+    val = {k.removeprefix("value."): v.cpu() for k, v in state_dict.items() if k.startswith("value.")}
+    return save_model(model.policy, folder, tokenizer, state_dict=pol,
+                      training_state={**training_state, "value": val}, **kw)
+
