@@ -58,6 +58,10 @@ COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
             "stage 3a: DPO / IPO / cDPO / SimPO / ORPO on preference pairs"),
     "score": ("tristage.flags.score:Config", "tristage.serve.score:main",
               "score prompts + responses (or pairs) with a reward model"),
+    "ppo": ("tristage.flags.ppo:Config", "tristage.stages.ppo:main",
+            "stage 3b: RLHF, PPO against a reward model (value model, GAE, KL in the reward)"),
+    "grpo": ("tristage.flags.grpo:Config", "tristage.stages.grpo:main",
+             "stage 3b: critic-free RL, GRPO / RLOO with a reward model or any Python scorer"),
     "label": ("tristage.flags.label:Config", "tristage.stages.label:main",
               "AI feedback: sample k answers per prompt, a judge picks the pair"),
     "world": {

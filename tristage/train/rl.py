@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 KLKind = Literal["k1", "k2", "k3"]
-Baseline = Literal["grpo", "rloo", "grpo-unscaled"]
+Baseline = Literal["grpo", "grpo-unscaled", "rloo"]  # as tristage.flags.grpo.Baseline (torch-free there)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
