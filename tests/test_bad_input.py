@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -410,6 +411,18 @@ def test_console_script_exit_status(models, tmp_path):
     p = _script(["score", models / "rm", good, "--output", models / "a_file.txt" / "o.jsonl", "--no-progress"])
     err = p.stderr.decode()
     assert p.returncode == 2 and "Traceback" not in err and "a_file.txt" in err, err
+
+
+def test_a_diverging_run_is_the_users_error(models, tmp_path):
+    """--lr 1e6 sends the loss to NaN within a few steps: one line naming the step and the fix, exit 2, no
+    checkpoint (it used to be a FloatingPointError's traceback, exit 1)."""
+    chats = write_jsonl(tmp_path / "chat.jsonl", [GOOD["chat"]] * 8)
+    p = _script(["sft", models / "policy", "--data", chats, "--out", tmp_path / "run", "--lr", "1e6",
+                 "--max-steps", "20", "--no-progress"])
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and re.search(r"at step \d+; .*--lr", err), err
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_chat_with_non_utf8_input(models):

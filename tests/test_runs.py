@@ -121,6 +121,22 @@ def test_divergence_warnings():
     assert [k for k, _ in loop.warnings((1, 2.0, 1.0), 5, 3.0, 1e-9)] == ["vanish"]
 
 
+def test_weights_gone_nonfinite_are_not_saved_and_the_error_is_the_users(tiny_shards, tmp_path, monkeypatch):
+    real = loop.train_step
+
+    def poisoned(s, t, *args, **kw):  # an update that leaves NaN weights behind a finite loss
+        m = real(s, t, *args, **kw)
+        with torch.no_grad():
+            t.model.model.norm.weight[:2] = float("nan")
+        return m
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    with pytest.raises(loop.Diverged, match=r"2 weights are NaN or inf after step 1; .*--lr") as e:
+        pretrain.main(_pre(tiny_shards, tmp_path / "r", save_every=1))
+    assert isinstance(e.value, UserError) and isinstance(e.value, FloatingPointError)
+    assert not (tmp_path / "r" / "model").exists()
+
+
 def test_nonfinite_weights_are_counted():
     m = build_model(ModelConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2), seed=0)
     assert loop.nonfinite_count(m, torch.device("cpu")).item() == 0

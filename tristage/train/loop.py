@@ -28,6 +28,7 @@ Choices, and why:
   Statistics come back summed over the global batch and divided by the same denominator.
 - A non-finite loss or gradient norm stops the run naming the step, before the optimizer step, so no checkpoint
   is ever written from a poisoned state; `save` also refuses weights that went non-finite in the last update.
+  Either is a `Diverged` error (a UserError: one line and exit 2 from the CLI, with a hint about the learning rate).
   A finite run can still diverge (a learning rate far too large): `Reporter.watch` warns in plain words when the
   loss rises far above its start or the gradients vanish while the loss stays high.
 - Runs cannot be destroyed by accident: `start` refuses an --out that already holds a checkpoint unless --resume
@@ -271,6 +272,15 @@ def trained_params(model: nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- the optimizer step
+DIVERGED_HINT = "the run diverged: is the learning rate far too large? lower --lr, or warm up longer (--warmup-steps)"
+
+
+class Diverged(UserError, FloatingPointError):
+    """A run whose loss, gradients or weights went NaN or inf. It is the hyperparameters' doing (a learning rate far
+    too large, most often), not a bug: a user's error, so the CLI prints its one line naming the step and exits 2
+    instead of showing a traceback. Still a FloatingPointError for code that catches one."""
+
+
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -301,8 +311,8 @@ def train_step(s: Session, t: Trainee, micro: Sequence[dict[str, Any]], loss_fn:
     sums = dist.all_reduce_sum(totals, s.d).tolist()
     loss = sums[0] / max(n_global, 1)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"{s.stage}: loss {loss} / grad norm {grad_norm} at step {step + 1}; "
-                                 "stopping without writing a checkpoint from this state")
+        raise Diverged(f"{s.stage}: loss {loss} / grad norm {grad_norm} at step {step + 1}; stopping without writing "
+                       f"a checkpoint from this state ({DIVERGED_HINT})")
     t.opt.step()
     t.opt.zero_grad(set_to_none=True)
     return {"loss": loss, **{k: v / max(n_global, 1) for k, v in zip(names, sums[1:])}, "lr": lr,
@@ -367,8 +377,8 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
 
     bad = dist.all_reduce_sum(nonfinite_count(t.model, s.device), s.d).item()  # every rank, before the gathers
     if bad:
-        raise FloatingPointError(f"{s.stage}: {int(bad)} weights are NaN or inf after step {step} (a learning rate "
-                                 "far too large?); stopping without writing a checkpoint from this state")
+        raise Diverged(f"{s.stage}: {int(bad)} weights are NaN or inf after step {step}; stopping without writing a "
+                       f"checkpoint from this state ({DIVERGED_HINT})")
     full = dist.full_state_dict(t.wrapped, s.d)  # collectives under FSDP: every rank calls both, in this order
     training_state = {"step": step, **(state or {}), "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
                       "loader": loader.state_dict(), "rng": rng_state()}
