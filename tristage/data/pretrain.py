@@ -9,8 +9,8 @@ Choices:
   kept). Empty documents are skipped and counted; a bad record raises DataError with its file, line (parquet: row)
   and field. Nothing else is dropped (a document of whitespace is kept as it is). An input file that is empty, a
   folder, not UTF-8, a damaged gzip or parquet, or a plain-text file of blank lines only is a DataError naming it
-  (`tristage.io.read_lines`, `read_documents`), and inputs with no training text at all (no document with more than whitespace) are
-  an error (no meta.json is written), not an empty dataset.
+  (`tristage.io.read_lines`, `read_documents`), and inputs with no training text at all (no document with more
+  than whitespace) are an error (no meta.json is written), not an empty dataset.
 - Every document is followed by the tokenizer's eos (`<|endoftext|>`), as GPT-2 and nanoGPT's openwebtext do: the
   split becomes one token stream the loader may cut anywhere, and the model sees the boundaries. A literal
   "<|endoftext|>" inside a text also encodes as eos.
@@ -48,7 +48,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -193,9 +193,40 @@ class _Writer:
                 "bytes_per_token": self.bytes / tokens if tokens else None}
 
 
-def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
-    """Write the shards and meta.json under cfg.out; returns the meta dict."""
+Item = tuple[str | None, str, int, float]  # (split, None = by --val-docs later; text; its UTF-8 bytes; its hash)
 
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Write the shards and meta.json under cfg.out; returns the meta dict.
+
+    The steps: check the settings and open the tokenizer (`_start`); read the inputs as chunks of documents, each
+    assigned to a split (`_Reader`); encode each chunk on a worker thread while the next one is read (`_encode_all`)
+    and append every document's tokens to its split's shards (`_Router`); then refuse inputs with no training text,
+    or write meta.json last."""
+    files, tok, eos, cut = _start(cfg)
+    out = Path(cfg.out)
+    (out / "meta.json").unlink(missing_ok=True)
+    for old in itertools.chain((out / "train").glob("*.bin"), (out / "val").glob("*.bin")):
+        old.unlink()
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: _Writer(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    reader, router = _Reader(cfg, files), _Router(writers, eos, cfg.val_docs)
+    _encode_all(reader, router, tok, cut, progress)
+    router.finish()
+    reader.check_training_text(writers["train"].docs)  # no meta.json: the folder is not a dataset
+    tok.save(out / "tokenizer")
+    meta = {"format": "tristage-tokens-v1", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+            "eos_id": eos, "tokenizer": {"source": str(Path(cfg.tokenizer).resolve()), "copy": "tokenizer",
+                                         "sha256": hashlib.sha256(tok.tok.to_str().encode()).hexdigest()},
+            "inputs": files, "config": to_dict(cfg), **reader.stats(), "split_piecewise_encoding": cut,
+            "splits": {s: w.summary() for s, w in writers.items()}}
+    write_json(out / "meta.json", meta)
+    return meta
+
+
+def _start(cfg: PrepareConfig) -> tuple[list[str], Tokenizer, int, bool]:
+    """Check the settings (a Config built in code skips the CLI's checks), expand the inputs, open the tokenizer:
+    (files, tokenizer, eos id, whether long documents may be encoded in pieces, as the probe shows)."""
     if not 0 <= cfg.val_fraction < 1 or cfg.val_docs < 0 or cfg.shard_tokens < 1:
         raise UserError("need 0 <= --val-fraction < 1, --val-docs >= 0 and --shard-tokens >= 1")
     if cfg.split == "tail" and cfg.val_docs:
@@ -206,97 +237,123 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     eos = tok.eos_id if tok.eos_id is not None else tok.token_to_id(cfg.doc_separator)
     if eos is None:
         raise UserError(f"{cfg.tokenizer}: the tokenizer has no eos token and no {cfg.doc_separator!r} token")
-    dtype = token_dtype(tok.vocab_size)
     cut = _encode(tok, [_PROBE], False) == [sum(tok.encode_batch(_cut(_PROBE, 1)), [])]
-    out = Path(cfg.out)
-    (out / "meta.json").unlink(missing_ok=True)
-    for old in itertools.chain((out / "train").glob("*.bin"), (out / "val").glob("*.bin")):
-        old.unlink()
-    writers = {s: _Writer(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    key, heap, order = str(cfg.seed).encode(), [], itertools.count()
-    stats = {"docs_read": 0, "empty_docs_skipped": 0}
-    blank_only = [True]  # no document so far holds more than whitespace (kept out of stats: meta.json stays as it was)
+    return files, tok, eos, cut
 
-    def chunks(bar: Progress, task) -> Iterator[list[tuple[str | None, str, int, float]]]:
-        items, size, done = [], 0, 0
-        for path in files:
+
+class _Reader:
+    """The input files as chunks of about CHUNK_CHARS characters of documents, each document assigned to a split
+    (see the module notes); counts the documents read, the empty ones skipped, and whether any holds real text."""
+
+    def __init__(self, cfg: PrepareConfig, files: list[str]):
+        self.cfg, self.files, self.key = cfg, files, str(cfg.seed).encode()
+        self.total = sum(os.path.getsize(f) for f in files)  # bytes, for the progress bar
+        self.docs_read = self.empty_docs_skipped = 0
+        self.blank_only = True  # no document so far holds more than whitespace
+
+    def stats(self) -> dict[str, int]:
+        """What meta.json records of the reading."""
+        return {"docs_read": self.docs_read, "empty_docs_skipped": self.empty_docs_skipped}
+
+    def chunks(self, advance: Callable[[int, int], None]) -> Iterator[list[Item]]:
+        """Lists of items of about CHUNK_CHARS characters; `advance(bytes read, documents read)` follows along."""
+        items: list[Item] = []
+        size = done = 0
+        for path in self.files:
             fsize, read = os.path.getsize(path), 0
-            for text in read_documents(path, cfg.text_field, cfg.doc_separator):
+            for text in read_documents(path, self.cfg.text_field, self.cfg.doc_separator):
                 raw = text.encode("utf-8")
                 read += len(raw)
-                stats["docs_read"] += 1
+                self.docs_read += 1
                 if not text:
-                    stats["empty_docs_skipped"] += 1
+                    self.empty_docs_skipped += 1
                     continue
-                if blank_only[0] and not text.isspace():
-                    blank_only[0] = False
-                if cfg.split == "tail":
-                    at = int(len(text) * (1 - cfg.val_fraction))
-                    parts = [("train", text[:at]), ("val", text[at:])]
-                    items += [(s, t, len(t.encode("utf-8")), 0.0) for s, t in parts if t]
-                else:
-                    h = int.from_bytes(hashlib.blake2b(raw, key=key, digest_size=8).digest(), "big") / 2.0**64
-                    split = None if cfg.val_docs else "val" if h < cfg.val_fraction else "train"
-                    items.append((split, text, len(raw), h))
+                self.blank_only = self.blank_only and text.isspace()
+                items += self._split(text, raw)
                 size += len(text)
                 if size >= CHUNK_CHARS:
-                    bar.update(task, completed=done + min(read, fsize), docs=stats["docs_read"])
+                    advance(done + min(read, fsize), self.docs_read)
                     yield items
                     items, size = [], 0
             done += fsize
-            bar.update(task, completed=done, docs=stats["docs_read"])
+            advance(done, self.docs_read)
         if items:
             yield items
 
-    def route(items: list, ids: list[list[int]]) -> None:
+    def _split(self, text: str, raw: bytes) -> list[Item]:
+        """The items of one document: its head and tail (`tail`), or the whole with its split by hash (`hash`; the
+        split is None with --val-docs, which the router decides on the hashes)."""
+        cfg = self.cfg
+        if cfg.split == "tail":
+            at = int(len(text) * (1 - cfg.val_fraction))
+            return [(s, t, len(t.encode("utf-8")), 0.0) for s, t in (("train", text[:at]), ("val", text[at:])) if t]
+        h = int.from_bytes(hashlib.blake2b(raw, key=self.key, digest_size=8).digest(), "big") / 2.0**64
+        return [(None if cfg.val_docs else "val" if h < cfg.val_fraction else "train", text, len(raw), h)]
+
+    def check_training_text(self, train_docs: int) -> None:
+        """UserError when the inputs hold no training text: no document in train, or none with more than whitespace."""
+        if train_docs and not self.blank_only:
+            return
+        docs = self.docs_read - self.empty_docs_skipped
+        raise UserError(f"--inputs: no training text: {self.docs_read} documents read, {docs} not empty"
+                        + (", none with more than whitespace" if docs and self.blank_only else
+                           f", all of them in val (--val-docs {self.cfg.val_docs})" if docs and self.cfg.val_docs
+                           else ""))
+
+
+class _Router:
+    """Appends each encoded document, followed by eos, to its split's shards. With --val-docs N a heap keeps the N
+    documents of lowest hash (an evicted one goes to train) until `finish` writes them to val in input order."""
+
+    def __init__(self, writers: dict[str, _Writer], eos: int, val_docs: int):
+        self.writers, self.eos, self.val_docs = writers, eos, val_docs
+        self.heap: list[tuple[float, int, list[int], int]] = []  # (-hash, input order, ids, bytes)
+        self.order = itertools.count()
+
+    def route(self, items: list[Item], ids: list[list[int]]) -> None:
         batch: dict[str, list[list[int]]] = {"train": [], "val": []}
         for (split, _, nbytes, h), seq in zip(items, ids):
-            seq.append(eos)
+            seq.append(self.eos)
             if split is None:  # --val-docs: keep the N lowest hashes; evicted documents go to train
-                entry = (-h, next(order), seq, nbytes)
-                entry = heapq.heappushpop(heap, entry) if len(heap) >= cfg.val_docs else heapq.heappush(heap, entry)
+                entry = (-h, next(self.order), seq, nbytes)
+                entry = (heapq.heappushpop(self.heap, entry) if len(self.heap) >= self.val_docs
+                         else heapq.heappush(self.heap, entry))
                 if entry is None:
                     continue
                 split, seq, nbytes = "train", entry[2], entry[3]
             batch[split].append(seq)
-            writers[split].docs += 1
-            writers[split].bytes += nbytes
+            self.writers[split].docs += 1
+            self.writers[split].bytes += nbytes
         for s, seqs in batch.items():
             if seqs:
-                writers[s].write(seqs)
+                self.writers[s].write(seqs)
 
+    def finish(self) -> None:
+        """Write the documents --val-docs kept, in input order, and close every shard file."""
+        val = self.writers["val"]
+        for _, _, seq, nbytes in sorted(self.heap, key=lambda e: e[1]):
+            val.write([seq])
+            val.docs += 1
+            val.bytes += nbytes
+        for w in self.writers.values():
+            w.close()
+
+
+def _encode_all(reader: _Reader, router: _Router, tok: Tokenizer, cut: bool, progress: bool) -> None:
+    """Encode the reader's chunks on a worker thread (the Rust tokenizer releases the GIL) while the main thread
+    reads the next chunk, and route each chunk's ids in input order; a progress bar follows the bytes read."""
     columns = [TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TextColumn("{task.fields[docs]:,} docs"), TimeRemainingColumn()]
-    total = sum(os.path.getsize(f) for f in files)
     with ThreadPoolExecutor(1) as pool, Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("prepare", total=total, docs=0)
+        task = bar.add_task("prepare", total=reader.total, docs=0)
         pending = None
-        for items in chunks(bar, task):
+        for items in reader.chunks(lambda done, docs: bar.update(task, completed=done, docs=docs)):
             job = (items, pool.submit(_encode, tok, [t for _, t, _, _ in items], cut))
             if pending:
-                route(pending[0], pending[1].result())
+                router.route(pending[0], pending[1].result())
             pending = job
         if pending:
-            route(pending[0], pending[1].result())
-    for _, _, seq, nbytes in sorted(heap, key=lambda e: e[1]):  # --val-docs: the kept ones, in input order
-        writers["val"].write([seq])
-        writers["val"].docs += 1
-        writers["val"].bytes += nbytes
-    for w in writers.values():
-        w.close()
-    if not writers["train"].docs or blank_only[0]:  # no meta.json: the folder is not a dataset
-        docs = stats["docs_read"] - stats["empty_docs_skipped"]
-        raise UserError(f"--inputs: no training text: {stats['docs_read']} documents read, {docs} not empty"
-                        + (", none with more than whitespace" if docs and blank_only[0] else
-                           f", all of them in val (--val-docs {cfg.val_docs})" if docs and cfg.val_docs else ""))
-    tok.save(out / "tokenizer")
-    meta = {"format": "tristage-tokens-v1", "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-            "eos_id": eos, "tokenizer": {"source": str(Path(cfg.tokenizer).resolve()), "copy": "tokenizer",
-                                         "sha256": hashlib.sha256(tok.tok.to_str().encode()).hexdigest()},
-            "inputs": files, "config": to_dict(cfg), **stats, "split_piecewise_encoding": cut,
-            "splits": {s: w.summary() for s, w in writers.items()}}
-    write_json(out / "meta.json", meta)
-    return meta
+            router.route(pending[0], pending[1].result())
 
 
 def prepare_main(cfg: PrepareConfig) -> int:
