@@ -20,7 +20,8 @@ class RLArgs:
     gold: str | None = arg(None, help="gold scorer the monitor reports beside the reward (and picks out/best by): "
                                       "gold (the demo world) | python:MODULE:FUNCTION")
     ref_model: str | None = arg(None, help="reference model for the KL (default: the starting policy)")
-    max_new_tokens: int = arg(128, check=">=1", help="longest answer in tokens")
+    max_new_tokens: int | None = arg(None, check=">=1", help="longest answer in tokens (default: 128, or half the "
+                                                              "model's context when that is less)")
     temperature: float = arg(1.0, check=">0", help="sampling temperature (also applied when log-probs are "
                                                    "recomputed)")
     batch_size: int = arg(16, check=">=1", help="prompts per rollout batch per process")

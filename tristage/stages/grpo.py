@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 
 from tristage.flags.grpo import Config
-from tristage.io import UserError
 from tristage.model.hf import load_model
 from tristage.rollout import stop_ids as stop_ids_of
 from tristage.stages import rl
@@ -61,10 +60,7 @@ def main(cfg: Config) -> dict:
     s = loop.start(cfg, "grpo")
     if s.state is not None:
         loop.model_config(s.ckpt)
-    ctx = loop.fit_max_len(None, cfg.model, *([cfg.ref_model] if cfg.ref_model else []))
-    if cfg.max_new_tokens >= ctx:
-        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"({ctx} positions)")
+    ctx = rl.fit_answer_length(cfg)
     tokenizer = loop.chat_tokenizer(cfg.model)
     train, val, notes = rl.load_prompt_splits(cfg, tokenizer, ctx - cfg.max_new_tokens)
     reward = rl.make_scorer(cfg.reward, s, 1 << 30, "--reward")

@@ -37,7 +37,6 @@ import torch
 from torch import Tensor, nn
 
 from tristage.flags.ppo import Config
-from tristage.io import UserError
 from tristage.model.hf import load_model, save_model
 from tristage.model.score import ScoreModel, load_reward_model, save_reward_model, value_model_from
 from tristage.rollout import stop_ids as stop_ids_of
@@ -105,10 +104,7 @@ def main(cfg: Config) -> dict:
         loop.model_config(s.ckpt)
     reward_folder = cfg.reward.removeprefix("rm:")
     loop.model_config(reward_folder, "reward")
-    ctx = loop.fit_max_len(None, cfg.model, *([cfg.ref_model] if cfg.ref_model else []))
-    if cfg.max_new_tokens >= ctx:
-        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"({ctx} positions)")
+    ctx = rl.fit_answer_length(cfg)
     tokenizer = loop.chat_tokenizer(cfg.model)
     train, val, notes = rl.load_prompt_splits(cfg, tokenizer, ctx - cfg.max_new_tokens)
     reward = rl.make_scorer(reward_folder, s, 1 << 30, "--reward")

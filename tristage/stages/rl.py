@@ -65,8 +65,20 @@ def check_args(cfg: Any) -> None:
     if cfg.parallel != "ddp":
         raise UserError(f"--parallel {cfg.parallel}: the RL stages run under ddp only (every process samples with its "
                         "own copy of the policy)")
-    if cfg.schedule not in ("cosine", "wsd", "constant"):
-        raise UserError(f"--schedule {cfg.schedule!r}: expected cosine, wsd or constant")
+    if not cfg.prompts:
+        raise UserError("--prompts: no prompt files given")
+
+
+def fit_answer_length(cfg: Any) -> int:
+    """The model's context (policy and reference; the smallest), after setting --max-new-tokens when it was not
+    given (128, or half the context) and checking that a given one leaves room for a prompt."""
+    ctx = loop.fit_max_len(None, cfg.model, *([cfg.ref_model] if cfg.ref_model else []))
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = min(128, ctx // 2)
+    if cfg.max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"({ctx} positions)")
+    return ctx
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -75,8 +87,6 @@ def load_prompt_splits(cfg: Any, tokenizer: Any, max_prompt_len: int) -> tuple[l
     """(train, held-out, notes): prompt rows from --prompts (and --val-prompts, or --val-fraction of --prompts),
     each checked against the chat template at its file and line; prompts whose rendering has more than
     max_prompt_len tokens are left out and counted (there would be no room to answer)."""
-    if not cfg.prompts:
-        raise UserError("--prompts: no prompt files given")
     notes: list[str] = []
 
     def read(paths: Sequence[str]) -> list[PromptRow]:

@@ -132,8 +132,8 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
 
     logp [N, T] (with gradients), old_logp [N, T] (the rollout's), advantages [N, T] (a sequence's advantage
     repeated over its tokens for GRPO); weights [N, T] scales each token's term (1 / length for the sequence
-    aggregation). Returns (loss, sums over real tokens of clipped (0/1), ratio and approx_kl (k3 of the ratio)
-    and the largest ratio as "ratio_max").
+    aggregation). Returns (loss, sums over real tokens of clipped (0/1), ratio and approx_kl (k3 of the ratio),
+    weighted as the loss is, so they share its denominator, and the largest ratio as "ratio_max").
     """
     m = mask.to(logp.dtype)
     w = m if weights is None else m * weights
@@ -142,8 +142,8 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
     loss1, loss2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
     loss = (torch.maximum(loss1, loss2) * w).sum()
     with torch.no_grad():
-        stats = {"clipfrac": ((loss2 > loss1).to(m.dtype) * m).sum(), "ratio": (ratio * m).sum(),
-                 "approx_kl": ((torch.expm1(-log_ratio) + log_ratio) * m).sum(),
+        stats = {"clipfrac": ((loss2 > loss1).to(m.dtype) * w).sum(), "ratio": (ratio * w).sum(),
+                 "approx_kl": ((torch.expm1(-log_ratio) + log_ratio) * w).sum(),
                  "ratio_max": (ratio * m).max() if m.any() else ratio.new_tensor(1.0)}
     return loss, stats
 
