@@ -100,12 +100,14 @@ def main(cfg: Config) -> dict:
     metrics: dict = {}
     done = start
     with loop.Reporter(s, max_steps, start) as rep:
-        watch = rl.Watch(rep)
+        watch, clock = rl.Watch(rep), rl.Clock()
         for step in range(start, max_steps):
+            clock.lap("other")
             rows = next(loader)
-            b = rl.collect(policy, ref, tokenizer, stops, rows, k, step, d.rank * cfg.batch_size * k, cfg, s)
+            b = rl.collect(policy, ref, tokenizer, stops, rows, k, step, d.rank * cfg.batch_size * k, cfg, s, clock)
             rewards = rl.score(reward, b.messages, b.texts, k)
             golds = rl.score(gold, b.messages, b.texts, k) if gold is not None else None
+            clock.lap("score")
             extra = advantages(b, rewards, k, cfg, s)
             m = rl.batch_stats(b, d, kl_estimate(b.old_logp, b.ref_logp, "k1"), rewards, golds)
             upd: dict[str, float] = {}
@@ -121,7 +123,8 @@ def main(cfg: Config) -> dict:
                     for key in ("loss", "clipfrac", "ratio", "approx_kl", "grad_norm", "lr", *(["kl_loss"] if
                                                                                                kl_in_loss else [])):
                         upd[key] = upd.get(key, 0.0) + u[key] / per_step
-            m.update(upd, ratio_max=rl.global_max(max(ratio_max), d), **extra)
+            clock.lap("update")
+            m.update(upd, **clock.take(), ratio_max=rl.global_max(max(ratio_max), d), **extra)
             rep.count(len(b.texts) * d.world_size)
             done = step + 1
             watch.check(done, m)

@@ -139,12 +139,14 @@ def main(cfg: Config) -> dict:
     metrics: dict = {}
     done = start
     with loop.Reporter(s, max_steps, start) as rep:
-        watch = rl.Watch(rep)
+        watch, clock = rl.Watch(rep), rl.Clock()
         for step in range(start, max_steps):
+            clock.lap("other")
             rows = next(loader)
-            b = rl.collect(policy, ref, tokenizer, stops, rows, 1, step, d.rank * cfg.batch_size, cfg, s)
+            b = rl.collect(policy, ref, tokenizer, stops, rows, 1, step, d.rank * cfg.batch_size, cfg, s, clock)
             scores = rl.score(reward, b.messages, b.texts, 1)
             golds = rl.score(gold, b.messages, b.texts, 1) if gold is not None else None
+            clock.lap("score")
             extra = advantages(b, scores, value, kl_ctl.value, cfg, s)
             m = rl.batch_stats(b, d, b.extra["kl"], scores, golds)
             upd: dict[str, float] = {}
@@ -160,7 +162,8 @@ def main(cfg: Config) -> dict:
                     for key in ("loss", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "ratio", "approx_kl",
                                 "grad_norm", "lr"):
                         upd[key] = upd.get(key, 0.0) + u[key] / per_step
-            m.update(upd, ratio_max=rl.global_max(max(ratio_max), d), beta=kl_ctl.value, **extra)
+            clock.lap("update")
+            m.update(upd, **clock.take(), ratio_max=rl.global_max(max(ratio_max), d), beta=kl_ctl.value, **extra)
             kl_ctl.update(m["kl"], len(b.texts) * d.world_size)
             rep.count(len(b.texts) * d.world_size)
             done = step + 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,14 +244,32 @@ class Rollouts:
     pad: int = 0
 
 
+class Clock:
+    """Seconds spent in each phase of a step (generate, logprobs, score, update): where the time goes."""
+
+    def __init__(self) -> None:
+        self.t, self.spent = time.perf_counter(), {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.spent[f"time_{phase}"] = self.spent.get(f"time_{phase}", 0.0) + now - self.t
+        self.t = now
+
+    def take(self) -> dict[str, float]:
+        out, self.spent = self.spent, {}
+        return out
+
+
 def collect(policy: nn.Module, ref: nn.Module | None, tokenizer: Any, stop_ids: list[int], rows: Sequence[PromptRow],
-            k: int, step: int, first_index: int, cfg: Any, s: loop.Session) -> Rollouts:
+            k: int, step: int, first_index: int, cfg: Any, s: loop.Session, clock: Clock | None = None) -> Rollouts:
     """Sample k answers to each prompt (seeded per answer), then one no-grad pass for their log-probs and entropy
     under the policy and, if given, the reference (both at the sampling temperature, in the training precision)."""
     gens = [torch.Generator(s.device).manual_seed(answer_seed(cfg.seed, step, first_index + i))
             for i in range(len(rows) * k)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids)
     groups = sample_answers(Engine(policy), tokenizer, [r.messages for r in rows], k, params, gens)
+    if clock is not None:
+        clock.lap("generate")
     flat = [(r, x) for r, xs in zip(rows, groups) for x in xs]
     pad = pad_id_of(tokenizer)
     # an empty answer (a stop token first) keeps that token, so every answer has >= 1 token to learn from
@@ -259,6 +278,8 @@ def collect(policy: nn.Module, ref: nn.Module | None, tokenizer: Any, stop_ids: 
     with torch.no_grad(), autocast(s.device, s.dtype):
         old, ent = policy_logprobs(policy, built.batch(), cfg.temperature, entropy=True)
         ref_lp = policy_logprobs(ref, built.batch(), cfg.temperature)[0] if ref is not None else None
+    if clock is not None:
+        clock.lap("logprobs")
     return Rollouts([r.messages for r, _ in flat], [x.prompt for _, x in flat], answers, [x.text for _, x in flat],
                     [x.finish_reason == "stop" for _, x in flat], built, old, ref_lp, ent, pad=pad)  # type: ignore
 
