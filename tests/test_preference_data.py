@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,12 +20,14 @@ from tristage.data.preference import (
     PairExample,
     PairLoader,
     Preference,
+    _fit,
     collate_pairs,
     encode_preferences,
+    encode_reply,
     load_preferences,
 )
 from tristage.io import DataError
-from tristage.tokenizer import Tokenizer, train_char
+from tristage.tokenizer import Tokenizer, train_bpe, train_char
 
 EOT = "<|im_end|>"
 
@@ -261,6 +265,70 @@ def test_ratings_follow_the_attribute_order(tok):
     examples, _ = encode_preferences(tok, prefs, max_len=999, attributes=["mood"])
     assert examples[0].ratings["chosen"] == [4.0] and math.isnan(examples[0].ratings["rejected"][0])
     assert "ratings" not in collate_pairs(examples[1:], pad_id=0)
+
+
+# ----------------------------------------------------------------------------- long pairs
+def reference_encode(tok: Tokenizer, prefs: list[Preference], max_len: int, truncation: str):
+    """What encode_preferences gives, from both sides rendered whole: (examples, truncated, dropped)."""
+    out, truncated, dropped = [], 0, 0
+    for p in prefs:
+        (c, cm), (r, rm) = (encode_reply(tok, p.prompt, reply) for reply in (p.chosen, p.rejected))
+        longest = max(len(c), len(r))
+        if longest > max_len:
+            if truncation == "drop":
+                dropped += 1
+                continue
+            (c, cm), (r, rm) = _fit(c, cm, longest - max_len, max_len), _fit(r, rm, longest - max_len, max_len)
+            truncated += 1
+        out.append(PairExample(c, cm, r, rm))
+    return out, truncated, dropped
+
+
+def long_pairs(seed: int) -> list[Preference]:
+    """Pairs of 10k-60k characters: a long chosen or rejected reply, both long, a long prompt, a long system
+    message, assistant turns in the prompt, and a short pair."""
+    rng = random.Random(seed)
+    words = "the dog cat sat on a mat patio and then slept 🙂 é\n yes no".split(" ")
+    say = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    return [Preference([user(say(5))], say(8000), say(6)), Preference([user(say(5))], say(7), say(9000)),
+            Preference([user(say(50))], say(8000), say(9000)), Preference([user(say(9000))], say(5), say(8)),
+            Preference([user(say(30)), assistant(say(30)), user(say(20))], say(6000), say(10)),
+            Preference([{"role": "system", "content": say(3000)}, user(say(3)), assistant(say(2)), user(say(4))],
+                       say(3000), say(4000)),
+            Preference([user(say(3))], say(40), say(41))]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("bpe") / "c.txt"
+    path.write_text("the dog sat on a mat patio and then slept. yes no the cat ran 🙂 é\n" * 300, encoding="utf-8")
+    return train_bpe([str(path)], vocab_size=400)
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+@pytest.mark.parametrize("max_len", [8, 64, 300, 5000])
+def test_long_pairs_encode_as_the_whole(tok, bpe, max_len, truncation):
+    """A long reply is rendered from a prefix of its text: the same examples and counts as rendering both sides whole
+    (a long prompt is rendered whole)."""
+    for t in (tok, bpe):
+        prefs = long_pairs(max_len)
+        want, truncated, dropped = reference_encode(t, prefs, max_len, truncation)
+        got, stats = encode_preferences(t, prefs, max_len, truncation)
+        assert got == want and (stats.truncated, stats.dropped) == (truncated, dropped)
+
+
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_a_20mb_pair_is_fitted_within_seconds(bpe, truncation):
+    """A 20 MB reply is encoded only as far as max_len needs (rendering it whole took about 45 s per side)."""
+    reply = ("the dog sat on the mat 🙂 and then slept. " * 500_000)[:20_000_000]
+    prompt = [user("Tell me everything.")]
+    t0 = time.perf_counter()
+    out, stats = encode_preferences(bpe, [Preference(prompt, "A short answer.", reply)], 512, truncation)
+    assert time.perf_counter() - t0 < 5
+    assert (stats.truncated, stats.dropped) == ((1, 0) if truncation == "truncate" else (0, 1))
+    if out:  # each side keeps its reply's first 512 tokens, as the whole would
+        want, _, _ = reference_encode(bpe, [Preference(prompt, "A short answer.", reply[:20_000])], 512, truncation)
+        assert out == want and len(out[0].rejected_ids) == 512 and all(out[0].rejected_mask)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -27,7 +27,10 @@ Choices:
 - Too long (> max_len tokens): "truncate" removes the same number of prompt tokens from the left of both sides (the
   two replies keep the same context, which a reward margin or a DPO log-ratio compares), as many as the longer side
   needs; a reply that alone exceeds max_len loses its prompt and is cut from the right (its end-of-turn token with
-  it). "drop" drops the pair. Both are counted in PairStats, like render errors.
+  it). "drop" drops the pair. Both are counted in PairStats, like render errors. A long reply is rendered only as
+  far as that rule can need (chat.render_prefix, as for chats: the first max_len + prompt + 2 tokens), so a 20 MB
+  reply is truncated or dropped in a fraction of a second with the result of rendering it whole (`encode_pair`,
+  tested); a prompt longer than that is still rendered whole (its tail is what survives).
 - Batches: one forward pass over 2B rows, chosen rows then rejected rows, right-padded so plain causal attention is
   exact for the real tokens; labels are pre-shifted like chat.py's (labels[:, t] = ids[t + 1] where that token is
   in the reply, else -100), so the per-token cross-entropy at t is -log p(reply token t + 1), and summed per row the
@@ -54,7 +57,7 @@ from typing import Any, Literal
 import jinja2
 import torch
 
-from tristage.data.chat import IGNORE, render
+from tristage.data.chat import IGNORE, render_prefix
 from tristage.data.position import advance, resume_position
 from tristage.data.records import (
     bad,
@@ -253,14 +256,30 @@ class PairStats:
 def encode_reply(tokenizer: Tokenizer, prompt: list[dict[str, str]], reply: str,
                  **template_kwargs: Any) -> tuple[list[int], list[int]]:
     """(ids, mask) of prompt + [reply]: mask only on the reply's tokens, ids cut after its last one."""
-    ids, mask = render(tokenizer, [*prompt, {"role": "assistant", "content": reply}], **template_kwargs)
+    ids, mask, _, _ = _render_side(tokenizer, prompt, reply, None, **template_kwargs)
+    return ids, mask
+
+
+def _render_side(tokenizer: Tokenizer, prompt: list[dict[str, str]], reply: str, need: int | None,
+                 **template_kwargs: Any) -> tuple[list[int], list[int], int | None, bool]:
+    """`encode_reply` from the first tokens only (at least `need` of them; chat.render_prefix) when the text is long:
+    (ids, mask, start, complete). complete: the reply's last token is among them, and ids and mask are encode_reply's
+    exactly. Else the side goes on past ids: with `start` (the reply's first token) its mask is 1 from there to the
+    end of ids; with start None the reply begins after them (a prompt longer than the tokens rendered)."""
+    ids, mask, more = render_prefix(tokenizer, [*prompt, {"role": "assistant", "content": reply}], need,
+                                    **template_kwargs)
+    if more:  # a token after these is trained: is it the reply's? Every assistant turn is one run of 1s in the mask
+        runs = [t for t, m in enumerate(mask) if m and (t == 0 or not mask[t - 1])]
+        if len(runs) <= sum(m["role"] == "assistant" for m in prompt) or not mask[-1]:
+            return ids, [0] * len(ids), None, False
+        return ids, [0] * runs[-1] + [1] * (len(ids) - runs[-1]), runs[-1], False
     last = max((t for t, m in enumerate(mask) if m), default=-1)
     if last < 0:
         raise ValueError("the reply has no tokens in the loss mask")
     start = last
     while start > 0 and mask[start - 1]:
         start -= 1
-    return ids[:last + 1], [0] * start + [1] * (last + 1 - start)
+    return ids[:last + 1], [0] * start + [1] * (last + 1 - start), start, True
 
 
 def _fit(ids: list[int], mask: list[int], cut: int, max_len: int) -> tuple[list[int], list[int]]:
@@ -271,12 +290,52 @@ def _fit(ids: list[int], mask: list[int], cut: int, max_len: int) -> tuple[list[
     return ids[start:start + max_len], mask[start:start + max_len]
 
 
+Side = tuple[list[int], list[int]]
+
+
+def _fit_pair(sides: list[Side], max_len: int, truncation: str) -> tuple[list[Side] | None, bool]:
+    """Both whole sides fitted to max_len (see the module notes): (sides, or None when dropped; whether truncated)."""
+    longest = max(len(ids) for ids, _ in sides)
+    if longest <= max_len:
+        return sides, False
+    if truncation == "drop":
+        return None, False
+    return [_fit(ids, mask, longest - max_len, max_len) for ids, mask in sides], True
+
+
+def encode_pair(tokenizer: Tokenizer, p: Preference, max_len: int, truncation: Literal["truncate", "drop"],
+                **template_kwargs: Any) -> tuple[list[Side] | None, bool]:
+    """[(chosen ids, mask), (rejected ids, mask)] fitted to max_len, or None when dropped, and whether truncated:
+    what fitting both sides rendered whole gives (_fit_pair), in time bounded by max_len for a long reply.
+
+    A side is rendered from a prefix of its text (chat.render_prefix, as chats are). When a reply goes on past its
+    side's first max_len + P + 1 tokens, P being the longer prompt, the longer side exceeds that, so the prompt cut
+    from the left (longest - max_len tokens) is longer than either prompt: each side keeps the first max_len tokens
+    of its reply (or the pair is dropped), which those first tokens hold. A prompt longer than the tokens rendered
+    falls back to rendering both sides whole."""
+    need = max_len + 2
+    for _ in range(2):  # P is known after the first pass: the second renders max_len + P + 2 tokens
+        sides = [_render_side(tokenizer, p.prompt, reply, need, **template_kwargs) for reply in (p.chosen, p.rejected)]
+        if all(complete for *_, complete in sides):
+            return _fit_pair([(ids, mask) for ids, mask, _, _ in sides], max_len, truncation)
+        if any(start is None for _, _, start, _ in sides):  # a prompt longer than the tokens rendered
+            break
+        prompt = max(start for _, _, start, _ in sides)
+        if all(complete or len(ids) > max_len + prompt for ids, _, _, complete in sides):
+            if truncation == "drop":
+                return None, False
+            return [(ids[start:start + max_len], mask[start:start + max_len]) for ids, mask, start, _ in sides], True
+        need = max_len + prompt + 2
+    return _fit_pair([encode_reply(tokenizer, p.prompt, reply, **template_kwargs) for reply in (p.chosen, p.rejected)],
+                     max_len, truncation)
+
+
 def encode_preferences(tokenizer: Tokenizer, prefs: Sequence[Preference], max_len: int,
                        truncation: Literal["truncate", "drop"] = "truncate",
                        on_error: Literal["raise", "skip"] = "raise", attributes: list[str] | None = None,
                        **template_kwargs: Any) -> tuple[list[PairExample], PairStats]:
-    """Render both sides of each pair and fit them to max_len tokens. `attributes` orders the ratings (default:
-    the sorted union over `prefs`); a missing rating is NaN."""
+    """Render both sides of each pair and fit them to max_len tokens (`encode_pair`). `attributes` orders the ratings
+    (default: the sorted union over `prefs`); a missing rating is NaN."""
     if truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', not {truncation!r}")
     if attributes is None:
@@ -284,26 +343,22 @@ def encode_preferences(tokenizer: Tokenizer, prefs: Sequence[Preference], max_le
     out, stats = [], PairStats(attributes=list(attributes))
     for p in prefs:
         try:
-            (c_ids, c_mask), (r_ids, r_mask) = (encode_reply(tokenizer, p.prompt, reply, **template_kwargs)
-                                                for reply in (p.chosen, p.rejected))
+            sides, truncated = encode_pair(tokenizer, p, max_len, truncation, **template_kwargs)
         except (ValueError, jinja2.TemplateError) as e:  # the template refused it, or special tokens in the text
             err = DataError(p.path, p.line, str(e))
             if on_error == "raise":
                 raise err from e
             stats.errors.append(err)
             continue
-        longest = max(len(c_ids), len(r_ids))
-        if longest > max_len:
-            if truncation == "drop":
-                stats.dropped += 1
-                continue
-            (c_ids, c_mask), (r_ids, r_mask) = (_fit(c_ids, c_mask, longest - max_len, max_len),
-                                                _fit(r_ids, r_mask, longest - max_len, max_len))
-            stats.truncated += 1
+        if sides is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += truncated
         ratings = None
         if p.ratings is not None:
             ratings = {side: [p.ratings.get(side, {}).get(a, math.nan) for a in attributes]
                        for side in ("chosen", "rejected")}
+        (c_ids, c_mask), (r_ids, r_mask) = sides
         out.append(PairExample(c_ids, c_mask, r_ids, r_mask, ratings))
     stats.pairs = len(out)
     return out, stats
