@@ -201,6 +201,18 @@ def test_a_utf8_bom_is_accepted(models, tmp_path, capsys):
     assert code == 0 and "Traceback" not in err and "1 records" in out, err
 
 
+def test_preference_stages_without_pairs_say_so(models, tmp_path, capsys):
+    """No --data, or no pair left once the invalid ones are skipped: one line, exit 2 (it was a ValueError)."""
+    identical = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "p", "chosen": "a.", "rejected": "a."}] * 3)
+    for cmd in ("dpo", "reward"):
+        code, _, err = run([cmd, models / "policy", "--out", tmp_path / cmd, "--no-progress"], capsys)
+        assert_clean(code, err, "no --data given")
+        code, _, err = run([cmd, models / "policy", "--data", identical, "--on-error", "skip", "--out",
+                            tmp_path / f"{cmd}2", "--no-progress"], capsys)
+        assert_clean(code, err, f"no usable training pairs in {identical}")
+        assert "skipped 3 invalid records" in err
+
+
 # ----------------------------------------------------------------------------- text inputs: tokenizer, prepare
 def text_file(kind: str, tmp: Path) -> tuple[Path, str]:
     good = "the dog sat on the mat.\nthe cat sat on the porch.\n"

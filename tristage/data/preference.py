@@ -71,7 +71,7 @@ from tristage.data.records import (
     text_field,
 )
 from tristage.flags.base import PAIR_LAYOUT_HELP, PairDataArgs, PairLayout  # noqa: F401 (re-exported)
-from tristage.io import DataError
+from tristage.io import DataError, UserError
 from tristage.tokenizer import Tokenizer
 
 
@@ -372,7 +372,7 @@ def load_pair_splits(data: list[str], val_data: list[str], val_fraction: float, 
         return load_preferences(path, on_error=on_error, system_prompt=system_prompt)
 
     if not data:
-        raise ValueError("no --data given")
+        raise UserError("no --data given: the preference pairs to train on (JSONL/JSON files)")
     train, errors = load_all(data, load)
     if val_data:
         val, verr = load_all(val_data, load)
@@ -384,7 +384,7 @@ def load_pair_splits(data: list[str], val_data: list[str], val_fraction: float, 
     va, va_stats = encode_preferences(tokenizer, val, max_len, on_error=on_error, attributes=tr_stats.attributes)
     notes += [f"train: {tr_stats}", f"val: {va_stats}"]
     if not tr:
-        raise ValueError(f"no usable training pairs in {data}")
+        raise UserError(f"no usable training pairs in {', '.join(data)} ({tr_stats}; {notes[0]})")
     return tr, va, tr_stats.attributes, notes
 
 
