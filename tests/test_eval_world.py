@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from tristage.eval.world import compare_to_reference
+from tristage.eval.world import compare_to_reference, mean_ci95
 from tristage.model.gpt import build_model
 from tristage.model.hf import save_model
 from tristage.rollout import completion_logprobs
@@ -46,6 +46,18 @@ def test_kl_to_itself_is_zero_and_to_another_model_positive(two_models):
     root, _ = two_models
     same = compare_to_reference(root / "a", root / "a", root / "prompts.jsonl", kl_samples=2)
     assert abs(same["kl"]) < 1e-3 and same["win_rate"] == 0.5 and same["gold"] == same["gold_reference"]
+    assert same["gold_gain"] == 0 and same["gold_gain_ci95"] == [0, 0]
     other = compare_to_reference(root / "a", root / "b", root / "prompts.jsonl", kl_samples=2)
     assert other["kl"] > 0.1
     assert other["n"] == 4
+    # the interval is the paired one: mean difference +- 1.96 x its standard error
+    assert other["gold_gain"] == pytest.approx(other["gold"] - other["gold_reference"])
+    lo, hi = other["gold_gain_ci95"]
+    assert lo <= other["gold_gain"] <= hi and (hi - lo) / 2 >= 0
+
+
+def test_mean_ci95_by_hand():
+    mean, lo, hi = mean_ci95([1.0, 2.0, 3.0, 4.0])  # sd = sqrt(5/3), se = sd / 2
+    assert mean == 2.5 and hi - mean == pytest.approx(1.96 * (5 / 3) ** 0.5 / 2)
+    assert mean - lo == pytest.approx(hi - mean)
+    assert mean_ci95([0.3, 0.3]) == pytest.approx((0.3, 0.3, 0.3))

@@ -58,12 +58,22 @@ def evaluate_chat_model(model_dir: str | Path, prompts_file: str | Path, limit: 
     }
 
 
+def mean_ci95(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its normal-approximation 95% interval, mean +- 1.96 x sd / sqrt(n) with the
+    unbiased sd (a paired comparison passes the per-prompt differences)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    half = 1.96 * (sum((x - mean) ** 2 for x in xs) / max(n - 1, 1) / n) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_file: str | Path,
                          limit: int | None = None, kl_samples: int = 1, seed: int = 0) -> dict[str, Any]:
     """A tuned policy against its reference on held-out prompts, judged by the gold scorer.
 
-    - gold: both answer greedily; mean gold scores of each, and the policy's win rate (gold(policy) >
-      gold(reference) counts 1, a tie 1/2).
+    - gold: both answer greedily; mean gold scores of each, the mean gain over prompts with its 95% confidence
+      interval (paired: the per-prompt differences, normal approximation), and the policy's win rate
+      (gold(policy) > gold(reference) counts 1, a tie 1/2).
     - KL(policy || reference), the price paid for the gain: the mean over sampled answers y ~ policy
       (temperature 1, `kl_samples` per prompt) of log pi(y|x) - log pi_ref(y|x), in nats per answer
       (log pi from the engine, log pi_ref from tristage.rollout.completion_logprobs).
@@ -82,7 +92,9 @@ def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_fil
     with torch.no_grad():
         lp_ref = completion_logprobs(ref.model, [r.prompt for r in sampled], [r.tokens for r in sampled]).tolist()
     n = len(prompts)
-    return {"n": n, "gold": sum(s_ours) / n, "gold_reference": sum(s_theirs) / n, "win_rate": wins / n,
+    gain, lo, hi = mean_ci95([a - b for a, b in zip(s_ours, s_theirs)])
+    return {"n": n, "gold": sum(s_ours) / n, "gold_reference": sum(s_theirs) / n, "gold_gain": gain,
+            "gold_gain_ci95": [lo, hi], "win_rate": wins / n,
             "kl": sum(a - b for a, b in zip(lp_policy, lp_ref)) / len(sampled),
             "stop_rate": sum(s for _, s in ours) / n}
 
