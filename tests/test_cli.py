@@ -151,6 +151,8 @@ BAD_FLAGS = [
     ("generate m --prompt hi --device tpu", "--device"),
     ("score rm f.jsonl --batch-size 0", "--batch-size"),
     ("score rm f.jsonl --max-len 0", "--max-len"),
+    ("ppo m --reward r --ppo-epochs 0", "--ppo-epochs must be >= 1 (got 0)"),
+    ("grpo m --reward r --num-samples 1", "--num-samples must be >= 2 (got 1)"),
     ("label m --prompts p --out o --judge gold --num-samples 1", "--num-samples must be >= 2"),
     ("label m --prompts p --out o --judge gold --top-p 0", "--top-p"),
     ("label m --prompts p --out o --judge gold --max-new-tokens 0", "--max-new-tokens"),
