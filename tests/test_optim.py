@@ -37,3 +37,23 @@ def test_weight_decay_only_on_matrices():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in m.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name
+
+
+def test_lr_scale_gives_a_part_of_the_model_its_own_rate():
+    import torch
+    from torch import nn
+
+    from tristage.train.optim import build_optimizer, set_lr
+
+    model = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3)})
+    opt = build_optimizer(model, 1e-3, 0.1, lr_scale=lambda name: 10.0 if name.startswith("b.") else 1.0)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        assert g["lr"] == pytest.approx(1e-2 if name.startswith("b.") else 1e-3), name
+        assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0), name
+    set_lr(opt, 2e-3)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2e-3, 2e-3, 2e-2, 2e-2])
+    plain = build_optimizer(model, 1e-3, 0.1)  # without scales: the decayed group, then the rest, as always
+    assert [len(g["params"]) for g in plain.param_groups] == [2, 2] and plain.param_groups[0]["weight_decay"] == 0.1
+    assert isinstance(plain, torch.optim.AdamW)

@@ -29,4 +29,6 @@ class Config(RLArgs, TrainConfig):
     vf_coef: float = arg(0.1, check=">=0", help="weight of the value loss")
     missing_eos_penalty: float = arg(1.0, check=">=0",
                                      help="subtracted from the score of an answer that did not end its turn")
-    lr: float = arg(1e-5, check=">0", help="peak learning rate (policy and value model)")
+    lr: float = arg(1e-5, check=">0", help="peak learning rate of the policy")
+    value_lr: float | None = arg(None, check=">0", help="peak learning rate of the value model (default: --lr; "
+                                                       "the same schedule)")

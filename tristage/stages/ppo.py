@@ -14,7 +14,9 @@ The algorithm (InstructGPT's form; the estimators are pure functions in tristage
    returns = advantages + values.
 3. Update: --ppo-epochs passes over the batch in --num-minibatches minibatches, one optimizer step each: the
    clipped policy loss plus --vf-coef times the clipped value loss, each the mean over the minibatch's tokens.
-   Policy and value model are one module with one AdamW and one gradient clip (as TRL's PPO trainer).
+   Policy and value model are one module with one AdamW and one gradient clip (as TRL's PPO trainer); the value
+   model may learn at its own rate (--value-lr: with Adam, --vf-coef barely changes the value model's steps, a
+   learning rate does).
 4. --kl-target makes beta adaptive (Ziegler et al.): after each batch, beta moves toward the KL target.
 
 Choices, and why:
@@ -112,7 +114,8 @@ def main(cfg: Config) -> dict:
     policy = loop.load_policy(s)
     ref = load_model(cfg.ref_model or cfg.model, device=s.device, dtype=torch.float32).eval().requires_grad_(False)
     value = value_start(cfg, s, reward_folder)
-    t = loop.prepare(s, PolicyAndValue(policy, value))
+    scale = (cfg.value_lr or cfg.lr) / cfg.lr
+    t = loop.prepare(s, PolicyAndValue(policy, value), lambda name: scale if name.startswith("value.") else 1.0)
     d, stops = s.d, stop_ids_of(tokenizer, cfg.model)
     loader = rl.PromptLoader(train, cfg.batch_size, cfg.seed, d.rank, d.world_size)
     max_steps = loop.total_steps(cfg, loader.steps_per_epoch())

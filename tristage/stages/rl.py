@@ -245,7 +245,9 @@ class Rollouts:
 
 
 class Clock:
-    """Seconds spent in each phase of a step (generate, logprobs, score, update): where the time goes."""
+    """Seconds spent in each phase of a step (generate, logprobs, score, update): where the time goes. A step's
+    time_other is what ran between the previous step's update and this one's rollout: logging, and the held-out
+    monitor and checkpoint of the previous step when they were due."""
 
     def __init__(self) -> None:
         self.t, self.spent = time.perf_counter(), {}
@@ -338,7 +340,7 @@ class Watch:
         if self.first is None:
             self.first = dict(m)
         f = self.first
-        if m["kl"] < -max(0.01, 2 * m.get("kl_stderr", 0.0)):
+        if m["kl"] < -max(0.1, 3 * m.get("kl_stderr", 0.0)):  # far below 0: noise alone rarely gets there
             self.say("kl", f"the KL to the reference is negative at step {step} ({m['kl']:.3f} nats per answer): "
                            "the answers are not samples of the policy being scored (a temperature or sampling "
                            "mismatch?); KL estimates below zero mean the numbers cannot be trusted")

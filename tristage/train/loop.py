@@ -228,14 +228,15 @@ class Trainee:
     opt: torch.optim.Optimizer
 
 
-def prepare(s: Session, model: nn.Module) -> Trainee:
+def prepare(s: Session, model: nn.Module, lr_scale: Callable[[str], float] | None = None) -> Trainee:
     """Training mode, activation checkpointing, DDP/FSDP wrapping (before the optimizer: FSDP2 swaps parameters
     for DTensors), AdamW over the trainable parameters, and torch.compile if asked."""
     cfg = s.cfg
     model.gradient_checkpointing = cfg.activation_checkpointing
     model.train()
     wrapped = dist.wrap(model, s.d, cfg.parallel)
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                          **({"lr_scale": lr_scale} if lr_scale else {}))  # a factor on --lr per parameter name
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     return Trainee(model, wrapped, opt)

@@ -12,6 +12,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,17 +21,24 @@ from tristage.flags.base import Schedule
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+                    eps: float = 1e-8, fused: bool | None = None,
+                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, matrices decayed. lr_scale(parameter name) -> a factor on the learning
+    rate (kept in each group as "lr_scale", which `set_lr` applies): e.g. PPO's value model at its own rate."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.dim() >= 2, lr_scale(name) if lr_scale else 1.0), []).append(p)
+    params = [p for ps in groups.values() for p in ps]
+    param_groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+                    for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     if fused is None:
         # DTensor parameters (FSDP2) take the foreach path; plain tensors the fused kernel
         fused = not any(type(p).__name__ == "DTensor" for p in params)
     kw = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
+    opt = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kw)
+    set_lr(opt, lr)
+    return opt
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int = 0, schedule: Schedule = "cosine",
@@ -56,5 +64,6 @@ def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int = 0, schedule:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate: lr times the group's "lr_scale" (1 when it has none)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
