@@ -222,7 +222,8 @@ def _cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", ["reward_is_policy", "policy_is_reward", "fsdp", "temperature", "no_prompts",
-                                  "empty_prompts", "python_reward", "minibatches", "max_new"])
+                                  "empty_prompts", "python_reward", "minibatches", "max_new", "grad_accum",
+                                  "value_model"])
 def test_bad_input_is_one_line(world, tmp_path, capsys, case):
     (tmp_path / "empty.jsonl").write_text("")
     stage, argv, named = {
@@ -237,6 +238,8 @@ def test_bad_input_is_one_line(world, tmp_path, capsys, case):
         "python_reward": ("grpo", _grpo(world, tmp_path / "o", "--reward", "python:nosuchmodule:f"), "nosuchmodule"),
         "minibatches": ("grpo", _grpo(world, tmp_path / "o", "--num-minibatches", "50"), "--num-minibatches"),
         "max_new": ("ppo", _ppo(world, tmp_path / "o", "--max-new-tokens", "500"), "--max-new-tokens"),
+        "grad_accum": ("ppo", _ppo(world, tmp_path / "o", "--grad-accum", "2"), "--micro-batch-size"),
+        "value_model": ("ppo", _ppo(world, tmp_path / "o", "--value-model", str(world / "policy")), "not a reward"),
     }[case]
     code, err = _cli(capsys, [stage, *argv])
     assert code == 2 and "Traceback" not in err and named in err, err

@@ -68,6 +68,9 @@ def check_args(cfg: Any) -> None:
                         "own copy of the policy)")
     if not cfg.prompts:
         raise UserError("--prompts: no prompt files given")
+    if cfg.grad_accum != 1:
+        raise UserError(f"--grad-accum {cfg.grad_accum}: the RL stages split each minibatch with --micro-batch-size "
+                        "instead (the optimizer steps per rollout batch are --ppo-epochs x --num-minibatches)")
 
 
 def fit_answer_length(cfg: Any) -> int:
