@@ -114,8 +114,8 @@ def test_grpo_moves_every_parameter(world, tmp_path, variant):
 def test_first_ratio_is_one(world, temperature):
     """Log-probs recomputed in the update equal the rollout's (same temperature, no dropout), whatever the
     micro-batch split: the first minibatch's ratio is 1 to within 1e-5."""
+    from tristage.data.records import read_prompt_file
     from tristage.model.hf import load_model
-    from tristage.stages.label import read_prompt_file
     from tristage.tokenizer import Tokenizer
     from tristage.train import loop
 
@@ -135,8 +135,8 @@ def test_first_ratio_is_one(world, temperature):
 
 def test_answers_do_not_depend_on_how_the_batch_is_split(world):
     """One seed per answer: the same answers whether prompts are sampled together or one by one."""
+    from tristage.data.records import read_prompt_file
     from tristage.model.hf import load_model
-    from tristage.stages.label import read_prompt_file
     from tristage.tokenizer import Tokenizer
     from tristage.train import distributed as dist
     from tristage.train import loop

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import jinja2
 import torch
 
-from tristage.io import MAX_LINE_CHARS, DataError, parse_json, read_lines
+from tristage.io import MAX_LINE_CHARS, DataError, parse_json, read_jsonl, read_lines
 
 T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
@@ -184,3 +187,45 @@ def split_train_val(items: Sequence[T], val_fraction: float, seed: int) -> tuple
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(val_fraction * len(items))) if val_fraction > 0 else 0
     return [items[i] for i in sorted(order[n_val:])], [items[i] for i in order[:n_val]]
+
+
+# ----------------------------------------------------------------------------- prompt files (label, ppo, grpo)
+@dataclass
+class PromptRow:
+    prompt: str | list[dict[str, str]]  # as written to the output records
+    messages: list[dict[str, str]]  # ends with the user's turn
+    line: int
+
+    @property
+    def text(self) -> str:
+        """The last user message: what the world scorer, the annotator and python judges see."""
+        return self.messages[-1]["content"]
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRow]:
+    """{prompt: text | messages} or {messages} records (a messages list is cut after its last user turn);
+    a bad record raises DataError with file, line and field (the prompt is checked by the one prompt parser,
+    tristage.data.records.prompt_messages)."""
+    rows = []
+    for line, obj in read_jsonl(path):
+        try:
+            key = prompt_field(obj)
+            value = obj[key]
+            if isinstance(value, list):
+                users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
+                value = value[:users[-1] + 1] if users else value
+            messages = prompt_messages(value, key)
+        except DataError as e:
+            raise e.at(path, line) from None
+        rows.append(PromptRow(value, messages, line))
+    return rows
+
+
+def check_rendering(tokenizer: Any, rows: Sequence[PromptRow], path: str | Path) -> None:
+    """Render every prompt with the chat template (+ generation prompt) before any sampling: a prompt the template
+    refuses raises DataError at its file and line, not after minutes of work on the prompts before it."""
+    for r in rows:
+        try:
+            tokenizer.apply_chat_template(r.messages, add_generation_prompt=True)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise DataError(path, r.line, f"the chat template refuses this prompt: {e}") from None

@@ -44,14 +44,11 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import jinja2
 import torch
 
-from tristage.data.records import prompt_field, prompt_messages
+from tristage.data.records import PromptRow, check_rendering, read_prompt_file
 from tristage.eval.judges import (
     AnnotatorJudge,
     GoldJudge,
@@ -62,54 +59,12 @@ from tristage.eval.judges import (
     round_robin,
 )
 from tristage.flags.label import Config
-from tristage.io import DataError, UserError, check_writable, read_jsonl, write_jsonl
+from tristage.io import UserError, check_writable, write_jsonl
 from tristage.rollout import load_chat_model, policy_tokenizer, sample_answers
 from tristage.runtime import progress, resolve_dtype
 from tristage.serve.engine import Engine, SamplingParams
 from tristage.world import score
 from tristage.world.prompts import parse_prompt
-
-
-# ----------------------------------------------------------------------------- prompts
-@dataclass
-class PromptRow:
-    prompt: str | list[dict[str, str]]  # as written to the output records
-    messages: list[dict[str, str]]  # ends with the user's turn
-    line: int
-
-    @property
-    def text(self) -> str:
-        """The last user message: what the world scorer, the annotator and python judges see."""
-        return self.messages[-1]["content"]
-
-
-def read_prompt_file(path: str | Path) -> list[PromptRow]:
-    """{prompt: text | messages} or {messages} records (a messages list is cut after its last user turn);
-    a bad record raises DataError with file, line and field (the prompt is checked by the one prompt parser,
-    tristage.data.records.prompt_messages)."""
-    rows = []
-    for line, obj in read_jsonl(path):
-        try:
-            key = prompt_field(obj)
-            value = obj[key]
-            if isinstance(value, list):
-                users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
-                value = value[:users[-1] + 1] if users else value
-            messages = prompt_messages(value, key)
-        except DataError as e:
-            raise e.at(path, line) from None
-        rows.append(PromptRow(value, messages, line))
-    return rows
-
-
-def check_rendering(tokenizer: Any, rows: Sequence[PromptRow], path: str | Path) -> None:
-    """Render every prompt with the chat template (+ generation prompt) before any sampling: a prompt the template
-    refuses raises DataError at its file and line, not after minutes of work on the prompts before it."""
-    for r in rows:
-        try:
-            tokenizer.apply_chat_template(r.messages, add_generation_prompt=True)
-        except (ValueError, jinja2.TemplateError) as e:
-            raise DataError(path, r.line, f"the chat template refuses this prompt: {e}") from None
 
 
 # ----------------------------------------------------------------------------- picking a pair

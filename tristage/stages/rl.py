@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from tristage.data.position import advance, resume_position
-from tristage.data.records import split_train_val
+from tristage.data.records import PromptRow, check_rendering, read_prompt_file, split_train_val
 from tristage.eval.judges import ScalarJudge, make_judge
 from tristage.io import UserError, write_json
 from tristage.model.hf import save_model
@@ -53,7 +53,6 @@ from tristage.rollout import pad_id as pad_id_of
 from tristage.rollout import sample_answers, token_logprobs
 from tristage.runtime import autocast
 from tristage.serve.engine import Engine, SamplingParams
-from tristage.stages.label import PromptRow, check_rendering, read_prompt_file
 from tristage.train import distributed as dist
 from tristage.train import loop
 from tristage.train.rl import entropy_from_logits

@@ -1,0 +1,75 @@
+"""RLHF on the demo world: PPO and GRPO from the demo's SFT model, judged by the gold scorer against the SFT model.
+
+    .venv/bin/python bench/rl_demo.py --demo runs/demo            # after `make demo` (its sft/, reward/, world/)
+    .venv/bin/python bench/rl_demo.py --demo runs/demo --only ppo grpo_gold
+
+Runs, each a real `tristage` command writing runs/rl_demo/<name>/ (metrics.jsonl, curves.png, model/, best/):
+  ppo        PPO against the demo's reward model (KL in the reward, value model from the reward model)
+  grpo_rm    GRPO against the same reward model
+  grpo_gold  GRPO with the gold scorer itself as a verifier reward: the ceiling of what the reward model could give
+Each final policy then answers the 200 held-out eval prompts greedily beside the SFT model
+(tristage.eval.world.compare_to_reference): mean gold score, the gain over SFT with its paired 95% interval, the
+win rate, and KL(policy || SFT) per answer on sampled answers. The demo's conservative DPO model is evaluated the
+same way, for comparison at its own KL. Results: runs/rl_demo/results.json, and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--max-steps", "40", "--max-new-tokens", "160", "--eval-every", "10", "--eval-prompts", "64", "--gold", "gold",
+          "--overwrite", "--no-progress"]
+
+
+def runs(demo: Path) -> dict[str, list[str]]:
+    sft, rm, world = demo / "sft" / "model", demo / "reward" / "model", demo / "world"
+    prompts = ["--prompts", str(world / "preference" / "train.jsonl"), "--val-prompts",
+               str(world / "eval" / "prompts.jsonl")]
+    return {
+        "ppo": ["ppo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "32", "--lr", "2e-5",
+                "--value-lr", "1e-4", "--beta", "0.1", *COMMON],
+        "grpo_rm": ["grpo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "8", "--num-samples", "4",
+                    "--lr", "1e-4", *COMMON],
+        "grpo_gold": ["grpo", str(sft), "--reward", "gold", *prompts, "--batch-size", "8", "--num-samples", "4",
+                      "--lr", "1e-4", *COMMON],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", default="runs/demo", help="a finished `tristage demo` folder")
+    ap.add_argument("--out", default="runs/rl_demo")
+    ap.add_argument("--only", nargs="*", help="run only these (ppo, grpo_rm, grpo_gold)")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the existing runs without training")
+    args = ap.parse_args()
+    demo, out = Path(args.demo), Path(args.out)
+    from tristage.eval.world import compare_to_reference
+
+    results: dict = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    prompts = demo / "world" / "eval" / "prompts.jsonl"
+    for name, cmd in runs(demo).items():
+        if args.only and name not in args.only:
+            continue
+        if not args.eval_only:
+            t0 = time.perf_counter()
+            subprocess.run([str(ROOT / ".venv" / "bin" / "tristage"), *cmd, "--out", str(out / name)], check=True)
+            results.setdefault(name, {})["train_seconds"] = time.perf_counter() - t0
+        c = compare_to_reference(out / name / "model", demo / "sft" / "model", prompts, limit=200, seed=0)
+        results.setdefault(name, {}).update(command="tristage " + " ".join(cmd), **c)
+        print(name, json.dumps(c), flush=True)
+    if (demo / "dpo" / "model").exists():
+        results["dpo"] = compare_to_reference(demo / "dpo" / "model", demo / "sft" / "model", prompts, limit=200,
+                                              seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
