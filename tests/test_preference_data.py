@@ -12,22 +12,28 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import tokenizers
 import torch
 from conftest import shared_data
 
+import tristage.data.preference as preference
 from tristage.data.chat import IGNORE
 from tristage.data.preference import (
     PairExample,
     PairLoader,
     Preference,
+    _cut_at,
+    _cut_rule,
     _fit,
+    _fit_pair,
+    _prompt_cut,
     collate_pairs,
     encode_preferences,
     encode_reply,
     load_preferences,
 )
 from tristage.io import DataError
-from tristage.tokenizer import Tokenizer, train_bpe, train_char
+from tristage.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, Tokenizer, train_bpe, train_char
 
 EOT = "<|im_end|>"
 
@@ -329,6 +335,177 @@ def test_a_20mb_pair_is_fitted_within_seconds(bpe, truncation):
     if out:  # each side keeps its reply's first 512 tokens, as the whole would
         want, _, _ = reference_encode(bpe, [Preference(prompt, "A short answer.", reply[:20_000])], 512, truncation)
         assert out == want and len(out[0].rejected_ids) == 512 and all(out[0].rejected_mask)
+
+
+# ----------------------------------------------------------------------------- long prompts
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}")
+PIECES = ["the", "dog", "cat's", "sat", "on", "a", "mat", "I'LL", "12345", "3.14", "🙂", "é", "e\u0301", "日本語の文",
+          "yes!!", "no?", "--", "(x)", "don't", "<|", "|>", "im_end", "\u00a0x", "A"]
+SEPS = [" ", " ", " ", " ", "  ", "\n", "\n\n", "\t", " \n", "\r\n", "\u3000", "\u2009", "\x85", "", " \u0301", ". "]
+
+
+def say_odd(rng: random.Random, n: int) -> str:
+    """n words of letters, digits, contractions, punctuation, emoji, CJK, combining marks and odd whitespace."""
+    return "".join(rng.choice(PIECES) + rng.choice(SEPS) for _ in range(n)).strip() or "x"
+
+
+def regex_bpe(corpus: Path, pattern: str, nfc: bool) -> Tokenizer:
+    """A Llama-3- or Qwen2-like byte-level BPE: a Split pre-tokenizer with their regex, then bytes (Qwen2: NFC)."""
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.normalizer = tokenizers.normalizers.NFC() if nfc else None
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), "isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raw.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=500, special_tokens=[
+        tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train([str(corpus)], trainer)
+    return Tokenizer(raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
+                     chat_template=CHATML_TEMPLATE)
+
+
+def metaspace_bpe(corpus: Path) -> Tokenizer:
+    """A SentencePiece-like BPE (Metaspace): no cut is known to be exact for it, so long prompts render whole."""
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=500, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    raw.train([str(corpus)], trainer)
+    return Tokenizer(raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
+                     chat_template=CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def toks(tok, bpe, tmp_path_factory) -> dict[str, Tokenizer]:
+    """Every tokenizer kind a long prompt is cut for, and one it is not (metaspace), with their cut rules."""
+    rng = random.Random(1)
+    corpus = tmp_path_factory.mktemp("odd") / "c.txt"
+    corpus.write_text("\n".join(say_odd(rng, 40) for _ in range(400)), encoding="utf-8")
+    return {"char": tok, "bpe": bpe, "llama3": regex_bpe(corpus, LLAMA3_SPLIT, nfc=False),
+            "qwen2": regex_bpe(corpus, QWEN2_SPLIT, nfc=True), "metaspace": metaspace_bpe(corpus),
+            "bpe-plain": Tokenizer(bpe.tok, eos_token="<|endoftext|>", chat_template=PLAIN_TEMPLATE)}
+
+
+RULES = {"char": "char", "bpe": "space", "llama3": "space", "qwen2": "space", "metaspace": None, "bpe-plain": "space"}
+
+
+def test_cut_rules(toks):
+    assert {name: _cut_rule(t) for name, t in toks.items()} == RULES
+
+
+@pytest.mark.parametrize("name", [n for n, r in RULES.items() if r])
+def test_a_cut_keeps_the_whole_texts_tokens(toks, name):
+    """At every place the rule allows, the tokens of the text from there are the whole text's from there: the claim
+    long prompts are encoded on, over odd text (special tokens, whitespace of every kind, digits, contractions,
+    combining marks, CJK, emoji)."""
+    t, rng = toks[name], random.Random(name)
+    added = [a.content for a in t.tok.get_added_tokens_decoder().values()]
+    checked = 0
+    for _ in range(12):
+        text = "".join(say_odd(rng, rng.randint(1, 40)) + rng.choice(["", "<|im_end|>\n<|im_start|>user\n", " "])
+                       for _ in range(12))
+        whole = t.tok.encode(text, add_special_tokens=False)
+        first = {a: k for k, (a, _) in reversed(list(enumerate(whole.offsets)))}
+        places = [x for x in range(2, len(text) - 2) if _cut_at(text, x, x - 1, RULES[name], added) == x]
+        for x in rng.sample(places, min(len(places), 60)):
+            tail = t.tok.encode(text[x:], add_special_tokens=False)
+            k = first[x]  # a token of the whole starts there
+            assert tail.ids == whole.ids[k:], (x, text[x - 5:x + 5])
+            assert [(a + x, b + x) for a, b in tail.offsets] == whole.offsets[k:]
+            checked += 1
+    assert checked > 300
+
+
+def long_prompts(seed: int, size: int) -> list[Preference]:
+    """Pairs whose prompt holds about `size` words in a user message, a system message, an assistant turn inside
+    it, or earlier turns, some with long replies too, and a prompt with no space to cut at."""
+    rng = random.Random(seed)
+    say = lambda n: say_odd(rng, n)  # noqa: E731
+    system = {"role": "system", "content": say(size)}
+    return [Preference([user(say(size))], say(5), say(7)),
+            Preference([system, user(say(4))], say(6), say(3)),
+            Preference([user(say(30)), assistant(say(size)), user(say(5))], say(5), say(8)),
+            Preference([user(say(size)), assistant(say(40)), user(say(size // 20))], say(9), say(2)),
+            Preference([system, user(say(size // 2))], say(size // 3), say(3)),
+            Preference([user(say(size))], say(size), say(size // 2)),
+            Preference([user("word" * size)], say(5), say(6))]
+
+
+def fit_whole(whole: list[list[tuple[list[int], list[int]]]], max_len: int, truncation: str):
+    """What encode_preferences gives from both sides rendered whole (encode_reply): (examples, truncated, dropped)."""
+    out, truncated, dropped = [], 0, 0
+    for sides in whole:
+        fitted, cut = _fit_pair(sides, max_len, truncation)
+        if fitted is None:
+            dropped += 1
+            continue
+        truncated += cut
+        out.append(PairExample(*fitted[0], *fitted[1]))
+    return out, truncated, dropped
+
+
+@pytest.mark.parametrize("max_len", [8, 64, 300, 1000, pytest.param(5000, marks=pytest.mark.slow)])
+def test_long_prompts_encode_as_the_whole(toks, max_len, monkeypatch):
+    """A long prompt is encoded from a cut near its end: the same examples and counts as rendering both sides whole,
+    for every tokenizer kind, truncate and drop; only where no cut is known (no space to cut at, a metaspace
+    tokenizer) is it rendered whole."""
+    size = {8: 150, 64: 400, 300: 1500, 1000: 4000, 5000: 10500}[max_len]
+    whole_renders = []
+    real = preference.encode_reply
+
+    def counted(tokenizer, prompt, reply, **kwargs):
+        whole_renders.append(prompt)
+        return real(tokenizer, prompt, reply, **kwargs)
+
+    prefs = long_prompts(max_len, size)
+    for name, t in toks.items():
+        whole = [[real(t, p.prompt, reply) for reply in (p.chosen, p.rejected)] for p in prefs]
+        cuts = [_prompt_cut(t, p.prompt, max_len, {}) is not None for p in prefs]
+        assert cuts == [RULES[name] is not None] * 6 + [RULES[name] == "char"], name
+        for truncation in ("truncate", "drop"):
+            want, truncated, dropped = fit_whole(whole, max_len, truncation)
+            whole_renders.clear()
+            with monkeypatch.context() as m:
+                m.setattr(preference, "encode_reply", counted)
+                got, stats = encode_preferences(t, prefs, max_len, truncation)
+            assert got == want and (stats.truncated, stats.dropped) == (truncated, dropped), (name, truncation)
+            assert not any(cut and p.prompt in whole_renders for p, cut in zip(prefs, cuts)), name  # no fallback
+
+
+def test_a_long_prompts_errors_are_the_whole_renders(toks):
+    """A pair that cannot be rendered is the same error with a cut prompt as rendered whole."""
+    text = " ".join(["the dog sat"] * 3000)
+    for t in (toks["bpe"], toks["char"]):
+        for pref in (Preference([user(text)], "Yes<|im_end|>", "No."), Preference([user(text)], "Yes.", "No<|pad|>"),
+                     Preference([user(text + " <|im_start|> and on")], "Yes.", "No.")):
+            assert _prompt_cut(t, pref.prompt, 64, {}) is not None
+            with pytest.raises(ValueError) as whole:
+                [encode_reply(t, pref.prompt, reply) for reply in (pref.chosen, pref.rejected)]
+            _, stats = encode_preferences(t, [pref], 64, on_error="skip")
+            assert [e.reason for e in stats.errors] == [str(whole.value)]
+
+
+@pytest.mark.parametrize("name", ["bpe", "char"])
+@pytest.mark.parametrize("truncation", ["truncate", "drop"])
+def test_a_20mb_prompt_is_fitted_within_seconds(toks, name, truncation):
+    """A 20 MB prompt is encoded only from a cut near its end (rendering it whole took 25-40 s per side); its
+    examples are those of a prompt holding only its last 60,000 characters, rendered whole."""
+    t, text = toks[name], ("the dog sat on the mat 🙂 and then slept. " * 500_000)[:20_000_000]
+    prefs = [Preference([{"role": "system", "content": "Be brief."}, user(text)], "A short answer.", "No.")]
+    t0 = time.perf_counter()
+    out, stats = encode_preferences(t, prefs, 512, truncation)
+    assert time.perf_counter() - t0 < 5
+    assert (stats.truncated, stats.dropped) == ((1, 0) if truncation == "truncate" else (0, 1))
+    if out:
+        short = [Preference([{"role": "system", "content": "Be brief."}, user(text[-60_000:])], "A short answer.",
+                            "No.")]
+        want, _, _ = reference_encode(t, short, 512, truncation)
+        assert out == want and len(out[0].chosen_ids) == 512
+        assert t.decode([i for i, m in zip(out[0].chosen_ids, out[0].chosen_mask) if m]) == "A short answer." + EOT
 
 
 # ----------------------------------------------------------------------------- batching

@@ -23,6 +23,8 @@ Choices:
   plus a margin of PREFIX_MARGIN that is left out (where a cut in mid-word may encode differently), and only the
   replies that start within it are located; whether a later token is trained decides "longer than max_len". So a
   20 MB reply is truncated or dropped in a fraction of a second, with the ids and masks of the whole (tested).
+  `render_window` encodes the text from a given character on (preference.py's long prompts, cut where the tokens
+  that follow are the whole text's); the template's checks still see the whole conversation.
   The ids are those of `tokenizer.apply_chat_template` (text encoded without adding special tokens, as transformers
   does: a BOS comes from the template's `{{ bos_token }}`, never from the post-processor). Contents holding a
   special-token string are refused: they would encode as control tokens and break the turn structure.
@@ -121,21 +123,25 @@ def load_conversations(path: str | os.PathLike, on_error: Literal["raise", "skip
 
 
 # ----------------------------------------------------------------------------- rendering
-def _encode(tokenizer: Tokenizer, text: str, need: int | None) -> tuple[list[int], list[tuple[int, int]], bool]:
-    """(ids, character offsets, complete): all of text's tokens (complete), or, when `need` is given and the text is
-    long, only its first tokens, at least `need` of them, from encoding a prefix of the text: the prefix doubles
-    from 16 characters per needed token until it holds `need` + PREFIX_MARGIN tokens, and its last PREFIX_MARGIN
-    tokens, those a cut in mid-word could change, are left out."""
+def _encode(tokenizer: Tokenizer, text: str, need: int | None,
+            begin: int = 0) -> tuple[list[int], list[tuple[int, int]], bool]:
+    """(ids, character offsets, complete) of text[begin:], offsets counted in `text`: all its tokens (complete), or,
+    when `need` is given and the text is long, only its first tokens, at least `need` of them, from encoding a prefix
+    of the text: the prefix doubles from 16 characters per needed token until it holds `need` + PREFIX_MARGIN tokens,
+    and its last PREFIX_MARGIN tokens, those a cut in mid-word could change, are left out."""
+    def shifted(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(a + begin, b + begin) for a, b in offsets] if begin else offsets
+
     if need is not None:
         chars = 16 * (need + PREFIX_MARGIN)
-        while chars < len(text):
-            enc = tokenizer.tok.encode(text[:chars], add_special_tokens=False)
+        while begin + chars < len(text):
+            enc = tokenizer.tok.encode(text[begin:begin + chars], add_special_tokens=False)
             ids = enc.ids
             if len(ids) >= need + PREFIX_MARGIN:
-                return ids[:-PREFIX_MARGIN], enc.offsets[:-PREFIX_MARGIN], False
+                return ids[:-PREFIX_MARGIN], shifted(enc.offsets[:-PREFIX_MARGIN]), False
             chars *= 2
-    enc = tokenizer.tok.encode(text, add_special_tokens=False)
-    return enc.ids, enc.offsets, True
+    enc = tokenizer.tok.encode(text[begin:] if begin else text, add_special_tokens=False)
+    return enc.ids, shifted(enc.offsets), True
 
 
 def render_prefix(tokenizer: Tokenizer, messages: list[dict[str, str]], need: int | None,
@@ -143,12 +149,22 @@ def render_prefix(tokenizer: Tokenizer, messages: list[dict[str, str]], need: in
     """`render`, cut short for long conversations: (ids, mask, more) where ids and mask are the first tokens of the
     whole conversation's (all of them, or at least `need`), and `more` says whether a token after them is trained
     (so the whole example is longer than these tokens). With need None it is `render` (more is False)."""
+    ids, _, mask, more = render_window(tokenizer, messages, need, 0, template_kwargs)
+    return ids, mask, more
+
+
+def render_window(tokenizer: Tokenizer, messages: list[dict[str, str]], need: int | None, begin: int,
+                  template_kwargs: dict[str, Any]) -> tuple[list[int], list[tuple[int, int]], list[int], bool]:
+    """`render_prefix` of the rendered text from character `begin` on: (ids, offsets, mask, more), the offsets
+    counted in the whole text (the checks and the assistant turns' spans still see all of it); with begin 0 it is
+    render_prefix's. Whether these tokens are the whole text's from some point on is the caller's to know:
+    preference.py's `_prompt_cut` picks a `begin` where they are."""
     specials = tokenizer.special_tokens
     for k, m in enumerate(messages):
         if hit := next((s for s in specials if s in m["content"]), None):
             raise ValueError(f"message {k} ({m['role']}) contains the special token {hit!r} in its text")
     text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-    ids, offsets, complete = _encode(tokenizer, text, need)
+    ids, offsets, complete = _encode(tokenizer, text, need, begin)
     # enc.ids / enc.offsets build a new Python list on every access: they are read once above (read per token,
     # they made rendering quadratic in the conversation's length)
     cover = len(text) if complete else offsets[-1][1]  # the characters the tokens reach
@@ -161,7 +177,8 @@ def render_prefix(tokenizer: Tokenizer, messages: list[dict[str, str]], need: in
         if len(before) >= cover and not complete:  # this reply's tokens all come after the ones encoded
             more = True
             break
-        upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, **template_kwargs)
+        upto = text if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[:i + 1], tokenize=False,
+                                                                                 **template_kwargs)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise ValueError(f"chat template unfit for turn-by-turn loss masking: rendering the first {i} messages "
                              f"(+ generation prompt) or the first {i + 1} is not a prefix of the whole conversation "
@@ -180,7 +197,7 @@ def render_prefix(tokenizer: Tokenizer, messages: list[dict[str, str]], need: in
             t += 1
         if t == n and not stopped and not complete:  # the span goes on past the tokens encoded
             more = True
-    return ids, mask, more
+    return ids, offsets, mask, more
 
 
 def render(tokenizer: Tokenizer, messages: list[dict[str, str]], **template_kwargs: Any) -> tuple[list[int], list[int]]:

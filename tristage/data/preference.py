@@ -28,9 +28,14 @@ Choices:
   two replies keep the same context, which a reward margin or a DPO log-ratio compares), as many as the longer side
   needs; a reply that alone exceeds max_len loses its prompt and is cut from the right (its end-of-turn token with
   it). "drop" drops the pair. Both are counted in PairStats, like render errors. A long reply is rendered only as
-  far as that rule can need (chat.render_prefix, as for chats: the first max_len + prompt + 2 tokens), so a 20 MB
-  reply is truncated or dropped in a fraction of a second with the result of rendering it whole (`encode_pair`,
-  tested); a prompt longer than that is still rendered whole (its tail is what survives).
+  far as that rule can need (chat.render_window, as for chats: the first max_len + prompt + 2 tokens), and a long
+  prompt only from a cut near its end (`_prompt_cut`; only its last tokens can survive): the cut is where the
+  tokens of the text that follows are provably the whole text's (`_cut_rule`: before a space that follows a letter
+  or digit for GPT-2-style regex pre-tokenizers, ours, Llama-3's and Qwen2's; anywhere for a char-level one), and
+  the tail holds max_len + CUT_MARGIN of the prompt's tokens. So a 20 MB reply or prompt is truncated or dropped in
+  about a second with the result of rendering it whole (`encode_pair`, tested on random long prompts and at each
+  place a cut is allowed). A tokenizer with no cut known to be exact (SentencePiece-style Metaspace, a normalizer
+  other than NFC, another split regex) or a prompt with no place to cut near its end still renders whole.
 - Batches: one forward pass over 2B rows, chosen rows then rejected rows, right-padded so plain causal attention is
   exact for the real tokens; labels are pre-shifted like chat.py's (labels[:, t] = ids[t + 1] where that token is
   in the reply, else -100), so the per-token cross-entropy at t is -log p(reply token t + 1), and summed per row the
@@ -46,18 +51,20 @@ Choices:
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jinja2
 import torch
 
-from tristage.data.chat import IGNORE, render_prefix
+from tristage.data.chat import IGNORE, render_window
 from tristage.data.position import advance, resume_position
 from tristage.data.records import (
     bad,
@@ -256,18 +263,131 @@ class PairStats:
 def encode_reply(tokenizer: Tokenizer, prompt: list[dict[str, str]], reply: str,
                  **template_kwargs: Any) -> tuple[list[int], list[int]]:
     """(ids, mask) of prompt + [reply]: mask only on the reply's tokens, ids cut after its last one."""
-    ids, mask, _, _ = _render_side(tokenizer, prompt, reply, None, **template_kwargs)
+    ids, mask, _, _ = _render_side(tokenizer, prompt, reply, None, None, **template_kwargs)
     return ids, mask
 
 
-def _render_side(tokenizer: Tokenizer, prompt: list[dict[str, str]], reply: str, need: int | None,
-                 **template_kwargs: Any) -> tuple[list[int], list[int], int | None, bool]:
-    """`encode_reply` from the first tokens only (at least `need` of them; chat.render_prefix) when the text is long:
+# ----------------------------------------------------------------------------- a long prompt's tail
+CUT_MARGIN = 64  # tokens a prompt's tail holds beyond max_len (_prompt_cut)
+# Split pre-tokenizer patterns (Llama-3 / cl100k, Qwen2) of which no match holds a letter or digit followed by a
+# space, and which match every character: like ByteLevel's GPT-2 regex, they start a pre-token at such a space.
+_SPACE_SPLITS = tuple(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits
+                      + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+" for digits in (r"\p{N}{1,3}", r"\p{N}"))
+
+
+class Cut(NamedTuple):
+    """Where a side's text is encoded from (_prompt_cut): the whole text's tokens from `begin` on are those of
+    text[begin:]; `tokens` of them come before the generation prompt's end, character `reply_at`."""
+    begin: int
+    tokens: int
+    reply_at: int
+
+
+def _cut_rule(tokenizer: Tokenizer) -> str | None:
+    """Where a text may be cut so that the tokens of what follows are the whole text's from there on: "space" before
+    a space that follows a letter or digit (a byte-level GPT-2 regex or a `_SPACE_SPLITS` pattern, no normalizer or
+    NFC, which composes nothing with a space: the match holding the letter ends there, and the regex, with no
+    look-behind, goes on from the space as it would from the text's start; the model tokenizes each pre-token
+    alone), "char" between any two characters (a char-level BPE: no pre-tokenizer, no normalizer, no merges or
+    affixes), or None (not known, e.g. a custom component: render whole). Added tokens are kept away from the cut
+    (`_cut_at`); each is split out before the rest is tokenized."""
+    try:
+        return _cut_rule_of(tokenizer.tok)
+    except Exception:  # a component that does not serialize
+        return None
+
+
+def _cut_rule_of(tok: Any) -> str | None:
+    norm = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else None
+    if tok.pre_tokenizer is None:
+        model = json.loads(tok.model.__getstate__()) if norm is None else {}
+        char = (model.get("type") == "BPE" and not model.get("merges") and not model.get("continuing_subword_prefix")
+                and not model.get("end_of_word_suffix") and model.get("dropout") is None
+                and (model.get("byte_fallback") or not model.get("fuse_unk")))
+        return "char" if char else None
+    if norm not in (None, {"type": "NFC"}):
+        return None
+    pre = json.loads(tok.pre_tokenizer.__getstate__())
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    regex = [st.get("type") == "ByteLevel" and st.get("use_regex") is True
+             or st.get("type") == "Split" and st.get("behavior") == "Isolated" and st.get("invert") is False
+             and st.get("pattern", {}).get("Regex") in _SPACE_SPLITS for st in steps]
+    byte_map = [st.get("type") == "ByteLevel" and st.get("use_regex") is False for st in steps]
+    return "space" if regex[:1] == [True] and all(byte_map[1:]) else None
+
+
+def _cut_at(text: str, pos: int, lo: int, rule: str, added: list[str]) -> int | None:
+    """The last cut at or before `pos` (and after `lo`) that `rule` allows, with no added token's text within reach
+    (one could match across the cut, or strip the whitespace next to it), or None."""
+    reach = max(map(len, added), default=0) + 2
+
+    def clear(x: int) -> bool:
+        near = text[max(0, x - reach):x + reach]
+        return not text[x - 1].isspace() and not text[x + 1].isspace() and not any(a in near for a in added)
+
+    x = min(pos, len(text) - 2)
+    while x > lo:
+        if rule == "space":
+            x = text.rfind(" ", lo, x + 1)
+            if x <= lo:
+                return None
+            if unicodedata.category(text[x - 1])[0] in "LN" and clear(x):
+                return x
+        elif not text[x].isspace() and clear(x):
+            return x
+        x -= 1
+    return None
+
+
+def _prompt_cut(tokenizer: Tokenizer, prompt: list[dict[str, str]], max_len: int,
+                template_kwargs: dict[str, Any]) -> Cut | None:
+    """For a long prompt, a Cut whose tail holds at least max_len + CUT_MARGIN of its tokens: only those can survive
+    the left truncation (module notes), so each side is encoded from there (chat.render_window). The tail starts
+    from 4 characters per token and doubles until it holds them; None when the prompt is under twice the tail, the
+    tokenizer has no known exact cut (_cut_rule), or no cut is allowed in the tail's first half (render whole)."""
+    want = max_len + CUT_MARGIN
+    chars = 4 * want
+    if 2 * chars >= sum(len(m["content"]) for m in prompt) or (rule := _cut_rule(tokenizer)) is None:
+        return None  # (a short prompt is not rendered here: most are)
+    try:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **template_kwargs)
+    except (ValueError, jinja2.TemplateError):  # the whole render reports it
+        return None
+    added = [t.content for t in tokenizer.tok.get_added_tokens_decoder().values()]
+    while 2 * chars < len(text):
+        begin = _cut_at(text, len(text) - chars, len(text) - 2 * chars, rule, added)
+        if begin is None:
+            return None
+        tokens = len(tokenizer.tok.encode(text[begin:], add_special_tokens=False).ids)
+        if tokens >= want:
+            return Cut(begin, tokens, len(text))
+        chars *= 2
+    return None
+
+
+def _render_side(tokenizer: Tokenizer, prompt: list[dict[str, str]], reply: str, need: int | None, cut: Cut | None,
+                 /, **template_kwargs: Any) -> tuple[list[int], list[int], int | None, bool] | None:
+    """`encode_reply` from the first tokens only (at least `need` of them; chat.render_window) when the text is long:
     (ids, mask, start, complete). complete: the reply's last token is among them, and ids and mask are encode_reply's
     exactly. Else the side goes on past ids: with `start` (the reply's first token) its mask is 1 from there to the
-    end of ids; with start None the reply begins after them (a prompt longer than the tokens rendered)."""
-    ids, mask, more = render_prefix(tokenizer, [*prompt, {"role": "assistant", "content": reply}], need,
-                                    **template_kwargs)
+    end of ids; with start None the reply begins after them (a prompt longer than the tokens rendered).
+
+    With a Cut, the side is encoded from cut.begin and all of it counts from there: the whole side's ids and mask
+    from that token on. The reply's run of 1s must then begin inside the window and within the reply (its first
+    token overlapping it), else None (the whole render decides): the prompt's assistant turns may be cut off, so
+    runs are not counted, and a token trained in the window's first turn may be untrained in the whole."""
+    ids, offsets, mask, more = render_window(tokenizer, [*prompt, {"role": "assistant", "content": reply}], need,
+                                             cut.begin if cut else 0, template_kwargs)
+    if cut is not None:
+        last = len(ids) - 1 if more else max((t for t, m in enumerate(mask) if m), default=-1)
+        if last < 0 or not mask[last]:
+            return None
+        start = last
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        if start == 0 or offsets[start][1] <= cut.reply_at:
+            return None
+        return ids[:last + 1], [0] * start + [1] * (last + 1 - start), start, not more
     if more:  # a token after these is trained: is it the reply's? Every assistant turn is one run of 1s in the mask
         runs = [t for t, m in enumerate(mask) if m and (t == 0 or not mask[t - 1])]
         if len(runs) <= sum(m["role"] == "assistant" for m in prompt) or not mask[-1]:
@@ -306,17 +426,26 @@ def _fit_pair(sides: list[Side], max_len: int, truncation: str) -> tuple[list[Si
 def encode_pair(tokenizer: Tokenizer, p: Preference, max_len: int, truncation: Literal["truncate", "drop"],
                 **template_kwargs: Any) -> tuple[list[Side] | None, bool]:
     """[(chosen ids, mask), (rejected ids, mask)] fitted to max_len, or None when dropped, and whether truncated:
-    what fitting both sides rendered whole gives (_fit_pair), in time bounded by max_len for a long reply.
+    what fitting both sides rendered whole gives (_fit_pair), in time bounded by max_len for a long reply or prompt.
 
-    A side is rendered from a prefix of its text (chat.render_prefix, as chats are). When a reply goes on past its
+    A side is rendered from a prefix of its text (chat.render_window, as chats are). When a reply goes on past its
     side's first max_len + P + 1 tokens, P being the longer prompt, the longer side exceeds that, so the prompt cut
     from the left (longest - max_len tokens) is longer than either prompt: each side keeps the first max_len tokens
-    of its reply (or the pair is dropped), which those first tokens hold. A prompt longer than the tokens rendered
-    falls back to rendering both sides whole."""
-    need = max_len + 2
+    of its reply (or the pair is dropped), which those first tokens hold. A long prompt is encoded from a cut in its
+    text (_prompt_cut) after which both sides have the whole render's tokens, k of them before it in each (the text
+    before the cut is the same); the tail holds over max_len tokens, so both renders are fitted, and counted from
+    the cut, lengths, prompt lengths and the left cut all drop by k: the same rule keeps the same tokens, which all
+    lie past the cut. A prompt longer than the tokens rendered (or a tail that cannot decide) renders both whole."""
+    cut = _prompt_cut(tokenizer, p.prompt, max_len, template_kwargs)
+    need = max_len + 2 + (cut.tokens if cut else 0)
     for _ in range(2):  # P is known after the first pass: the second renders max_len + P + 2 tokens
-        sides = [_render_side(tokenizer, p.prompt, reply, need, **template_kwargs) for reply in (p.chosen, p.rejected)]
+        sides = [_render_side(tokenizer, p.prompt, reply, need, cut, **template_kwargs)
+                 for reply in (p.chosen, p.rejected)]
+        if any(side is None for side in sides):  # a tail whose reply run cannot be told apart
+            break
         if all(complete for *_, complete in sides):
+            if cut and max(len(ids) for ids, *_ in sides) <= max_len:  # never, with max_len + CUT_MARGIN tokens
+                break
             return _fit_pair([(ids, mask) for ids, mask, _, _ in sides], max_len, truncation)
         if any(start is None for _, _, start, _ in sides):  # a prompt longer than the tokens rendered
             break
