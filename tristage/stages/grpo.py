@@ -80,14 +80,11 @@ def main(cfg: Config) -> dict:
                              f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
                              f"prompts per step, {per_step} updates each; {max_steps} steps; {s.dtype}, {s.device}")
     kl_in_loss = cfg.baseline != "rloo" and cfg.beta > 0
-    ratio_max: list[float] = []
-
     def loss_fn(wrapped, mb):
         logp, _ = rl.policy_logprobs(wrapped, mb, cfg.temperature)
         one = torch.ones_like(logp, dtype=torch.bool)[None]
         w = (1.0 / mb["seq_len"])[None] if cfg.loss_agg == "sequence" else None
         loss, st = clipped_policy_loss(logp[None], mb["old_logp"][None], mb["adv"][None], one, cfg.clip, w)
-        ratio_max.append(float(st.pop("ratio_max")))
         if kl_in_loss:
             kl = kl_estimate(logp, mb["ref_logp"], "k3")
             loss = loss + cfg.beta * (kl * (w[0] if w is not None else 1.0)).sum()
@@ -110,30 +107,12 @@ def main(cfg: Config) -> dict:
             clock.lap("score")
             extra = advantages(b, rewards, k, cfg, s)
             m = rl.batch_stats(b, d, kl_estimate(b.old_logp, b.ref_logp, "k1"), rewards, golds)
-            upd: dict[str, float] = {}
-            ratio_max.clear()
-            for epoch in range(cfg.ppo_epochs):
-                for j, order in enumerate(rl.minibatch_orders(len(b.texts), cfg.num_minibatches, cfg.seed, step,
-                                                              epoch, d.rank)):
-                    micro = b.micro_batches(order, cfg.micro_batch_size or len(order))
-                    u = loop.train_step(s, t, micro, loss_fn, count, step * per_step + epoch * cfg.num_minibatches + j,
-                                        max_steps * per_step)
-                    if not upd:
-                        upd["ratio_first"] = u["ratio"]
-                    for key in ("loss", "clipfrac", "ratio", "approx_kl", "grad_norm", "lr", *(["kl_loss"] if
-                                                                                               kl_in_loss else [])):
-                        upd[key] = upd.get(key, 0.0) + u[key] / per_step
+            upd = rl.update(s, t, b, loss_fn, count, cfg, step, max_steps)
             clock.lap("update")
-            m.update(upd, **clock.take(), ratio_max=rl.global_max(max(ratio_max), d), **extra)
+            m.update(upd, **clock.take(), **extra)
             rep.count(len(b.texts) * d.world_size)
             done = step + 1
-            watch.check(done, m)
-            if loop.due(done, cfg.log_every, max_steps):
-                metrics = {**m, "answers_per_s": rep.rate()}
-                rep.record(done, metrics, f"reward {m['reward']:.3f}  KL {m['kl']:.2f}" +
-                           (f"  gold {m['gold']:.3f}" if "gold" in m else ""))
-            if loop.due(done, cfg.eval_every, max_steps):
-                metrics.update(rl.monitor_step(monitor, rep, watch, done, t.model, ref, tokenizer, cfg))
+            metrics = rl.record(rep, watch, monitor, m, done, max_steps, t.model, ref, tokenizer, cfg, metrics)
             if loop.save_due(s, done, max_steps):
                 loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps, parent=cfg.model,
                           state={"monitor": monitor.state_dict()})

@@ -129,14 +129,11 @@ def main(cfg: Config) -> dict:
     loop.announce(s, *notes, f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
                              f"answers per step, {per_step} updates each; {max_steps} steps; value model from "
                              f"{cfg.value_model}; {s.dtype}, {s.device}")
-    ratio_max: list[float] = []
-
     def loss_fn(wrapped, mb):
         logp, v = wrapped(mb, cfg.temperature)
         one = torch.ones_like(logp, dtype=torch.bool)[None]
         pg, st = clipped_policy_loss(logp[None], mb["old_logp"][None], mb["adv"][None], one, cfg.clip)
         vl, vst = clipped_value_loss(v[None], mb["values"][None], mb["returns"][None], one, cfg.value_clip)
-        ratio_max.append(float(st.pop("ratio_max")))
         return pg + cfg.vf_coef * vl, {"pg_loss": pg.detach(), "vf_loss": vl.detach(), **st, **vst}
 
     metrics: dict = {}
@@ -152,31 +149,13 @@ def main(cfg: Config) -> dict:
             clock.lap("score")
             extra = advantages(b, scores, value, kl_ctl.value, cfg, s)
             m = rl.batch_stats(b, d, b.extra["kl"], scores, golds)
-            upd: dict[str, float] = {}
-            ratio_max.clear()
-            for epoch in range(cfg.ppo_epochs):
-                for j, order in enumerate(rl.minibatch_orders(len(b.texts), cfg.num_minibatches, cfg.seed, step,
-                                                              epoch, d.rank)):
-                    micro = b.micro_batches(order, cfg.micro_batch_size or len(order))
-                    u = loop.train_step(s, t, micro, loss_fn, lambda mb: len(mb["lp_tok"]),
-                                        step * per_step + epoch * cfg.num_minibatches + j, max_steps * per_step)
-                    if not upd:
-                        upd["ratio_first"] = u["ratio"]
-                    for key in ("loss", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "ratio", "approx_kl",
-                                "grad_norm", "lr"):
-                        upd[key] = upd.get(key, 0.0) + u[key] / per_step
+            upd = rl.update(s, t, b, loss_fn, lambda mb: len(mb["lp_tok"]), cfg, step, max_steps)
             clock.lap("update")
-            m.update(upd, **clock.take(), ratio_max=rl.global_max(max(ratio_max), d), beta=kl_ctl.value, **extra)
+            m.update(upd, **clock.take(), beta=kl_ctl.value, **extra)
             kl_ctl.update(m["kl"], len(b.texts) * d.world_size)
             rep.count(len(b.texts) * d.world_size)
             done = step + 1
-            watch.check(done, m)
-            if loop.due(done, cfg.log_every, max_steps):
-                metrics = {**m, "answers_per_s": rep.rate()}
-                rep.record(done, metrics, f"reward {m['reward']:.3f}  KL {m['kl']:.2f}" +
-                           (f"  gold {m['gold']:.3f}" if "gold" in m else ""))
-            if loop.due(done, cfg.eval_every, max_steps):
-                metrics.update(rl.monitor_step(monitor, rep, watch, done, policy, ref, tokenizer, cfg))
+            metrics = rl.record(rep, watch, monitor, m, done, max_steps, policy, ref, tokenizer, cfg, metrics)
             if loop.save_due(s, done, max_steps):
                 loop.save(s, t, tokenizer, done, metrics, loader, final=done == max_steps, parent=cfg.model,
                           save_fn=save_policy, state={"kl_coef": kl_ctl.value, "monitor": monitor.state_dict()})

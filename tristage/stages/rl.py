@@ -469,6 +469,47 @@ def monitor_step(monitor: Monitor, rep: loop.Reporter, watch: Watch, step: int, 
     return m
 
 
+def update(s: loop.Session, t: loop.Trainee, b: Rollouts, loss_fn: loop.LossFn, count: Any, cfg: Any, step: int,
+           max_steps: int) -> dict[str, float]:
+    """The optimizer steps on one rollout batch: --ppo-epochs passes over --num-minibatches minibatches, each one
+    `loop.train_step` (micro-batches of --micro-batch-size answers). loss_fn's statistics must include "ratio_max".
+    Returns every statistic averaged over the steps, "ratio_first" (the first minibatch's mean ratio: 1 unless
+    something differs between sampling and training) and "ratio_max" (the largest ratio on any process)."""
+    per_step = cfg.ppo_epochs * cfg.num_minibatches
+    peak: list[float] = []
+
+    def fn(model: nn.Module, mb: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, stats = loss_fn(model, mb)
+        peak.append(float(stats.pop("ratio_max")))
+        return loss, stats
+
+    out: dict[str, float] = {}
+    for epoch in range(cfg.ppo_epochs):
+        for j, order in enumerate(minibatch_orders(len(b.texts), cfg.num_minibatches, cfg.seed, step, epoch,
+                                                   s.d.rank)):
+            u = loop.train_step(s, t, b.micro_batches(order, cfg.micro_batch_size or len(order)), fn, count,
+                                step * per_step + epoch * cfg.num_minibatches + j, max_steps * per_step)
+            out.setdefault("ratio_first", u["ratio"])
+            for key, v in u.items():
+                if key != "count":
+                    out[key] = out.get(key, 0.0) + v / per_step
+    return {**out, "ratio_max": global_max(max(peak), s.d)}
+
+
+def record(rep: loop.Reporter, watch: Watch, monitor: Monitor, m: dict[str, float], done: int, max_steps: int,
+           policy: nn.Module, ref: nn.Module, tokenizer: Any, cfg: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """After a step: warnings, metrics.jsonl and the progress bar every --log-every steps, the held-out monitor every
+    --eval-every steps. Returns the metrics to store with the next checkpoint."""
+    watch.check(done, m)
+    if loop.due(done, cfg.log_every, max_steps):
+        metrics = {**m, "answers_per_s": rep.rate()}
+        rep.record(done, metrics, f"reward {m['reward']:.3f}  KL {m['kl']:.2f}" +
+                   (f"  gold {m['gold']:.3f}" if "gold" in m else ""))
+    if loop.due(done, cfg.eval_every, max_steps):
+        metrics = {**metrics, **monitor_step(monitor, rep, watch, done, policy, ref, tokenizer, cfg)}
+    return metrics
+
+
 def global_max(x: float, d: dist.Dist) -> float:
     """The largest of every process's x."""
     if not d.enabled:
