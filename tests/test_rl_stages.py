@@ -31,7 +31,7 @@ def world(tiny_shards, tmp_path_factory) -> Path:
     from tristage.model.gpt import build_model
     from tristage.model.hf import save_model
     from tristage.model.score import from_causal_lm, save_reward_model
-    from tristage.tokenizer import Tokenizer
+    from tristage.tokenizer import Tokenizer, train_char
 
     root = tmp_path_factory.mktemp("rl")
     tok = Tokenizer.load(tiny_shards / "tokenizer")
@@ -40,6 +40,9 @@ def world(tiny_shards, tmp_path_factory) -> Path:
     write_jsonl(root / "prompts.jsonl", [{"prompt": f"what does the {a} say?"} for a in list(SOUNDS) * 4])
     write_jsonl(root / "val.jsonl", [{"prompt": f"and the {a}?"} for a in SOUNDS])
     (root / "rewards.py").write_text(REWARD_PY)
+    (root / "other.txt").write_text("a different alphabet: xyz 0123456789 QWERTY")
+    other = train_char([str(root / "other.txt")])
+    save_reward_model(from_causal_lm(build_model(tiny_config(other), seed=1), 1, seed=2), root / "rm_other", other)
     return root
 
 
@@ -223,7 +226,7 @@ def _cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.parametrize("case", ["reward_is_policy", "policy_is_reward", "fsdp", "temperature", "no_prompts",
                                   "empty_prompts", "python_reward", "minibatches", "max_new", "grad_accum",
-                                  "value_model"])
+                                  "value_model", "value_vocab"])
 def test_bad_input_is_one_line(world, tmp_path, capsys, case):
     (tmp_path / "empty.jsonl").write_text("")
     stage, argv, named = {
@@ -240,6 +243,7 @@ def test_bad_input_is_one_line(world, tmp_path, capsys, case):
         "max_new": ("ppo", _ppo(world, tmp_path / "o", "--max-new-tokens", "500"), "--max-new-tokens"),
         "grad_accum": ("ppo", _ppo(world, tmp_path / "o", "--grad-accum", "2"), "--micro-batch-size"),
         "value_model": ("ppo", _ppo(world, tmp_path / "o", "--value-model", str(world / "policy")), "not a reward"),
+        "value_vocab": ("ppo", _ppo(world, tmp_path / "o", "--reward", str(world / "rm_other")), "another tokenizer"),
     }[case]
     code, err = _cli(capsys, [stage, *argv])
     assert code == 2 and "Traceback" not in err and named in err, err

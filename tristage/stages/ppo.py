@@ -35,15 +35,19 @@ Choices, and why:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from tristage.flags.ppo import Config
+from tristage.io import UserError
 from tristage.model.hf import load_model, save_model
 from tristage.model.score import ScoreModel, load_reward_model, save_reward_model, value_model_from
 from tristage.rollout import stop_ids as stop_ids_of
 from tristage.runtime import autocast
 from tristage.stages import rl
+from tristage.tokenizer import Tokenizer
 from tristage.train import loop
 from tristage.train.rl import (
     AdaptiveKL,
@@ -71,13 +75,18 @@ class PolicyAndValue(nn.Module):
         return logp, self.value(batch["input_ids"], at=at)[:, 0].float()
 
 
-def value_start(cfg: Config, s: loop.Session, reward_folder: str) -> ScoreModel:
-    """The value model: the resumed run's, else from the reward model, the policy or a folder (--value-model)."""
+def value_start(cfg: Config, s: loop.Session, reward_folder: str, tokenizer: Any) -> ScoreModel:
+    """The value model: the resumed run's, else from the reward model, the policy or a folder (--value-model). It
+    reads the policy's token ids, so a reward-model start must share the policy's vocabulary."""
     if cfg.value_model == "policy":
         vm = value_model_from(load_model(cfg.model, device=s.device, dtype=torch.float32), seed=cfg.seed)
     else:
         folder = reward_folder if cfg.value_model == "reward" else cfg.value_model
         loop.model_config(folder, "reward")
+        if Tokenizer.load(folder).tok.get_vocab() != tokenizer.tok.get_vocab():
+            raise UserError(f"--value-model {cfg.value_model}: {folder} has another tokenizer than the policy "
+                            f"{cfg.model}; the value model reads the policy's tokens, so start it from the policy "
+                            "(--value-model policy) or a reward model with the policy's tokenizer")
         vm = value_model_from(load_reward_model(folder, device=s.device, dtype=torch.float32))
     if s.state is not None:
         vm.load_state_dict(s.state["value"])
@@ -113,7 +122,7 @@ def main(cfg: Config) -> dict:
     gold = rl.make_scorer(cfg.gold, s, 1 << 30, "--gold") if cfg.gold else None
     policy = loop.load_policy(s)
     ref = load_model(cfg.ref_model or cfg.model, device=s.device, dtype=torch.float32).eval().requires_grad_(False)
-    value = value_start(cfg, s, reward_folder)
+    value = value_start(cfg, s, reward_folder, tokenizer)
     scale = (cfg.value_lr or cfg.lr) / cfg.lr
     t = loop.prepare(s, PolicyAndValue(policy, value), lambda name: scale if name.startswith("value.") else 1.0)
     d, stops = s.d, stop_ids_of(tokenizer, cfg.model)
