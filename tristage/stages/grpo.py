@@ -98,6 +98,8 @@ def main(cfg: Config) -> dict:
     done = start
     with loop.Reporter(s, max_steps, start) as rep:
         watch, clock = rl.Watch(rep), rl.Clock()
+        if start == 0 and cfg.eval_every > 0:  # the starting point of the curves (KL 0)
+            metrics = rl.monitor_step(monitor, rep, watch, 0, t.model, ref, tokenizer, cfg)
         for step in range(start, max_steps):
             clock.lap("other")
             rows = next(loader)

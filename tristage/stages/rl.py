@@ -17,12 +17,13 @@ Choices, and why:
 - Flat token layout: a batch's response tokens are kept as one flat list (row-major: answer 0's tokens, then
   answer 1's, ...) with, per token, its row and position in a right-padded [N, T] batch of prompt + answer
   (`Rows`). `padded` turns flat [M] values into [N, Tc] for the estimators that run along time (GAE).
-- The monitor (every --eval-every steps and at the end) samples one answer per held-out prompt at the training
-  temperature with a fixed seed, scores it with the reward (model or function) and, when --gold is given, the gold
-  scorer, and measures KL(policy || reference) on those samples (sum over the answer of log p - log p_ref).
-  metrics.jsonl gets eval_reward / eval_gold / eval_kl; curves.png plots reward and gold against KL; out/best keeps
-  the policy with the best held-out gold (or reward). It warns when the reward has risen since the best gold while
-  the gold fell (over-optimisation: the policy exploits the reward model).
+- The monitor (before the first step, every --eval-every steps and at the end) samples one answer per held-out
+  prompt at the training temperature with a fixed seed, scores it with the reward (model or function) and, when
+  --gold is given, the gold scorer, and measures KL(policy || reference) on those samples (sum over the answer of
+  log p - log p_ref). metrics.jsonl gets eval_reward / eval_gold / eval_kl (with standard errors); curves.png
+  plots reward and gold against KL, from the starting point at KL 0; out/best keeps the policy with the best
+  held-out gold (or reward), which may be the starting one. It warns when the reward has risen since the best
+  gold while the gold fell (over-optimisation: the policy exploits the reward model).
 - Temperature must be > 0 (a ratio of greedy policies is undefined) and top-k / top-p are not offered: the update
   optimises the tempered distribution the answers were sampled from, and truncation would make it another one.
 - RL runs under DDP only: every process generates with its own full copy of the policy; FSDP would need every
@@ -361,6 +362,11 @@ class Watch:
 
 
 # ----------------------------------------------------------------------------- the held-out monitor
+def stderr(xs: Sequence[float]) -> float:
+    """The standard error of the mean of xs (0 for fewer than two)."""
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+
+
 class Monitor:
     """Held-out reward, gold and KL every --eval-every steps; curves.png; the best policy in out/best."""
 
@@ -382,11 +388,11 @@ class Monitor:
         g = score(self.gold, b.messages, b.texts, 1) if self.gold is not None else None
         kl = b.old_logp - b.ref_logp if b.ref_logp is not None else torch.zeros_like(b.old_logp)
         kl_seq = torch.zeros(len(b.texts), device=kl.device).index_add(0, b.rows.row, kl.float())
-        out = {"eval_reward": statistics.fmean(r), "eval_kl": float(kl_seq.mean()),
+        out = {"eval_reward": statistics.fmean(r), "eval_reward_stderr": stderr(r), "eval_kl": float(kl_seq.mean()),
                "eval_length": float(b.rows.lengths.float().mean()), "eval_stop_rate": statistics.fmean(b.stopped)}
         if g is not None:
             out["eval_gold"] = statistics.fmean(g)
-            out["eval_gold_stderr"] = statistics.stdev(g) / math.sqrt(len(g)) if len(g) > 1 else 0.0
+            out["eval_gold_stderr"] = stderr(g)
         self.history.append({"step": step, **out})
         return out
 
@@ -438,7 +444,8 @@ class Monitor:
                                                            else [])
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, (key, title) in zip(axes[0], panels):
-            ax.plot(kl, [x[key] for x in h], "o-")
+            err = [x.get(f"{key}_stderr", 0.0) for x in h]
+            ax.errorbar(kl, [x[key] for x in h], yerr=err if any(err) else None, fmt="o-", capsize=3)
             for x in (h[0], h[-1]):
                 ax.annotate(f"step {int(x['step'])}", (x["eval_kl"], x[key]), fontsize=8)
             ax.set_xlabel("KL(policy || reference), nats per answer")
