@@ -328,3 +328,260 @@ def test_vicuna80_human_votes():
     board = leaderboard(b, bootstrap=100)
     assert board.models[0] in ("gpt4", "claude") and board.models[-1] in ("bard", "gpt35")
     assert (board.upper - board.lower).max() < 80
+
+
+# ----------------------------------------------------------------------------- tristage arena on tiny models
+def by_length(prompt: str, responses: list[str]) -> list[float]:
+    """The arena tests' python judge: longer is better. With ARENA_TEST_FAIL_AFTER=N set, the call after the Nth
+    raises (an interruption in the middle of judging)."""
+    import os
+
+    global _calls
+    _calls = globals().get("_calls", 0) + 1
+    limit = os.environ.get("ARENA_TEST_FAIL_AFTER")
+    if limit is not None and _calls > int(limit):
+        raise KeyboardInterrupt("interrupted by the test")
+    return [float(len(r)) for r in responses]
+
+
+def _chat_model(tok, end_bias: float, seed: int):
+    """A random model writing the corpus' characters and ending its turn at random lengths, sooner for a larger
+    end_bias (hidden dim 0 is held constant, so the head's column 0 is a per-token logit bias; see test_label)."""
+    import torch
+
+    from tristage.model.gpt import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    model = build_model(cfg, seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        for i in range(tok.vocab_size):
+            piece = tok.id_to_token(i)
+            if piece.startswith("<0x") or piece.startswith("<|"):
+                model.lm_head.weight[i, 0] = -5.0
+        model.lm_head.weight[tok.token_to_id("<|im_end|>"), 0] = end_bias
+    return model
+
+
+@pytest.fixture(scope="module")
+def arena_setup(tiny_shards, tmp_path_factory):
+    from tristage.model.hf import save_model
+    from tristage.tokenizer import Tokenizer
+    from tristage.world import generate
+
+    root = tmp_path_factory.mktemp("arena")
+    tok = Tokenizer.load(tiny_shards / "tokenizer")
+    for name, bias, seed in (("terse", 2.5, 0), ("plain", 0.5, 1), ("wordy", -1.5, 2)):
+        save_model(_chat_model(tok, bias, seed), root / name / "model", tok)
+    prompts = [{"prompt": "where did the dog sit?"}, {"prompt": "the cat?"}, {"prompt": "a fish?"},
+               {"prompt": [{"role": "system", "content": "be kind."}, {"role": "user", "content": "the bird?"}]},
+               {"prompt": "tell me about the mat."}, {"prompt": "the porch"}]
+    _write(root / "prompts.jsonl", prompts)
+    generate(root / "world", seed=0, n_stories=10, n_sft=4, n_pref=4, n_eval=6)
+    return root
+
+
+def _arena(root, out, *extra, models=("terse", "plain", "wordy"), judge=None):
+    return ["arena", *[str(root / m / "model") for m in models], "--prompts", str(root / "prompts.jsonl"),
+            "--judge", judge or f"python:{__file__}:by_length", "--out", str(out), "--max-new-tokens", "24",
+            "--batch-size", "4", "--judge-batch-size", "2", "--bootstrap", "50", "--no-progress", *extra]
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_arena_ranks_the_models_and_writes_the_board(arena_setup, tmp_path, capsys):
+    out = tmp_path / "a"
+    code, text, err = _cli(_arena(arena_setup, out), capsys)
+    assert code == 0, err
+    battles = _lines(out / "battles.jsonl")
+    assert len(battles) == 6 * 3  # every prompt x every pair
+    assert {frozenset((b["model_a"], b["model_b"])) for b in battles} == {frozenset(p) for p in
+                                                                         [("terse", "plain"), ("terse", "wordy"),
+                                                                          ("plain", "wordy")]}
+    assert len({(b["model_a"], b["model_b"]) for b in battles}) > 3  # sides drawn: both orders occur
+    for b in battles:
+        assert b["judge"].startswith("python:") and b["style_a"]["length"] >= 0
+        if not b.get("identical"):
+            sa, sb = b["score_a"], b["score_b"]
+            assert b["winner"] == ("model_a" if sa > sb else "model_b" if sb > sa else "tie")
+            assert (sa, sb) == (b["style_a"]["length"], b["style_b"]["length"])  # by_length scores the answer
+    answers = {m: _lines(out / "answers" / f"{m}.jsonl") for m in ("terse", "plain", "wordy")}
+    assert all(len(a) == 6 for a in answers.values())
+    mean_len = {m: np.mean([len(r["answer"]) for r in a]) for m, a in answers.items()}
+    assert mean_len["wordy"] > mean_len["terse"]
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert [r["model"] for r in board][0] == max(mean_len, key=mean_len.get)
+    assert {"model", "rating", "lower", "upper", "battles"} <= set(board[0]) and board[0]["battles"] == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["battles"] == 18 and summary["battles_judged"] == 18 and "kendall_tau" not in summary
+    assert "rating" in text and "arena: 18 battles judged now" in text
+    pytest.importorskip("matplotlib")
+    assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    # the battles are a leaderboard file as they are
+    code, text, err = _cli(["leaderboard", str(out / "battles.jsonl"), "--bootstrap", "10", "--style-control"], capsys)
+    assert code == 0 and "style control: length" in text, err
+
+
+def test_arena_resumes_after_an_interruption(arena_setup, tmp_path, capsys, monkeypatch):
+    full = tmp_path / "full"
+    assert _cli(_arena(arena_setup, full), capsys)[0] == 0
+    # interrupted while answering: the second batch of the second model never finishes
+    from tristage.stages import arena
+
+    real, calls = arena.sample_answers, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(arena, "sample_answers", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(_arena(arena_setup, out))
+    monkeypatch.setattr(arena, "sample_answers", real)
+    assert len(_lines(out / "answers" / "plain.jsonl")) == 4 and not (out / "battles.jsonl").exists()
+    with open(out / "answers" / "plain.jsonl", "a") as fh:
+        fh.write('{"question_id": 4, "prompt": "tell me ab')  # a write cut short
+    # interrupted while judging: after 4 calls of the judge function (one per prompt)
+    monkeypatch.setenv("ARENA_TEST_FAIL_AFTER", "4")
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(_arena(arena_setup, out))
+    monkeypatch.delenv("ARENA_TEST_FAIL_AFTER")
+    partial = _lines(out / "battles.jsonl")
+    assert 0 < len(partial) < 18
+    code, text, err = _cli(_arena(arena_setup, out), capsys)
+    assert code == 0, err
+    assert f"{18 - len(partial)} battles judged now, {len(partial)} kept from before" in text
+    for m in ("terse", "plain", "wordy"):  # the same answers and battles as the uninterrupted run
+        assert (out / "answers" / f"{m}.jsonl").read_text() == (full / "answers" / f"{m}.jsonl").read_text()
+    assert (out / "battles.jsonl").read_text() == (full / "battles.jsonl").read_text()
+    # a finished run only redraws the board; a model added later joins it
+    code, text, err = _cli(_arena(arena_setup, out), capsys)
+    assert code == 0 and "0 battles judged now, 18 kept" in text
+    argv = _arena(arena_setup, out)
+    argv.insert(4, f"plain2={arena_setup / 'plain' / 'model'}")
+    code, text, err = _cli(argv, capsys)
+    assert code == 0 and "18 battles judged now, 18 kept" in text, err
+    assert (out / "answers" / "plain2.jsonl").read_text() == (out / "answers" / "plain.jsonl").read_text()
+    twins = [b for b in _lines(out / "battles.jsonl") if {b["model_a"], b["model_b"]} == {"plain", "plain2"}]
+    assert len(twins) == 6 and all(b["identical"] and b["winner"] == "tie" for b in twins)  # they answer alike
+
+
+def test_arena_refuses_other_settings_in_the_same_out(arena_setup, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert _cli(_arena(arena_setup, out, models=("terse", "plain")), capsys)[0] == 0
+    code, _, err = _cli(_arena(arena_setup, out, models=("terse", "plain"), judge="gold"), capsys)
+    assert code == 2 and "another judge setting, spec 'python:" in err and "--overwrite" in err
+    code, _, err = _cli(_arena(arena_setup, out, "--temperature", "0.5", models=("terse", "plain")), capsys)
+    assert code == 2 and "another sampling setting, temperature 0.7 (now 0.5)" in err
+    code, _, err = _cli(_arena(arena_setup, out, "--limit", "2", models=("terse", "plain")), capsys)
+    assert code == 2 and "other prompts (6 prompts, now 2)" in err
+    argv = _arena(arena_setup, out, models=("terse", "wordy"))
+    argv.insert(3, f"wordy={arena_setup / 'plain' / 'model'}")
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and "two models named 'wordy'" in err
+    code, _, err = _cli(["arena", f"terse={arena_setup / 'wordy' / 'model'}", str(arena_setup / "plain" / "model"),
+                         "--prompts", str(arena_setup / "prompts.jsonl"), "--judge", "gold", "--out", str(out),
+                         "--overwrite", "--no-progress", "--bootstrap", "0", "--max-new-tokens", "8"], capsys)
+    assert code == 0, err  # --overwrite starts over
+
+
+def test_arena_with_world_llm_and_answer_files(arena_setup, tmp_path, capsys):
+    from tristage.world import score
+
+    root = arena_setup
+    prompts = str(root / "world" / "eval" / "prompts.jsonl")
+    out = tmp_path / "w"
+    argv = _arena(root, out, judge="world", models=("terse", "wordy"))
+    argv[argv.index("--prompts") + 1] = prompts
+    code, text, err = _cli(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert "kendall_tau" in summary and set(summary["gold"]) == {"terse", "wordy"}
+    for b in _lines(out / "battles.jsonl"):
+        if not b.get("identical"):
+            assert 0 <= b["p_a"] <= 1 and {"gold_a", "gold_b"} <= set(b)
+    answers = _lines(out / "answers" / "terse.jsonl")
+    rows = [json.loads(x) for x in open(prompts).read().splitlines()]
+    gold = np.mean([score(r["prompt"], a["answer"]).overall for r, a in zip(rows, answers)])
+    assert summary["gold"]["terse"]["mean"] == pytest.approx(gold)
+    # an llm judge with MT-bench's pairwise prompt, asked in both orders; the answers read back from files
+    judge_prompts = tmp_path / "judge_prompts.jsonl"
+    _write(judge_prompts, [{"name": "single", "type": "single", "prompt_template": "{question} {answer}"},
+                           {"name": "pair-v2", "type": "pairwise", "system_prompt": "be fair.",
+                            "prompt_template": "[Q]\n{question}\n[A]\n{answer_a}\n[B]\n{answer_b}",
+                            "output_format": "[[A]]"}])
+    out2 = tmp_path / "llm"
+    code, text, err = _cli(["arena", f"t={out / 'answers' / 'terse.jsonl'}", f"w={out / 'answers' / 'wordy.jsonl'}",
+                            "--prompts", prompts, "--judge", f"llm:{root / 'plain' / 'model'}", "--judge-prompt",
+                            str(judge_prompts), "--out", str(out2), "--bootstrap", "20", "--no-progress"], capsys)
+    assert code == 0, err
+    battles = _lines(out2 / "battles.jsonl")
+    assert len(battles) == 6 and json.loads((out2 / "arena.json").read_text())["models"]["t"]["kind"] == "answers"
+    for b in battles:
+        if not b.get("identical"):
+            assert 0 < b["p_a_first"] < 1 and 0 < b["p_b_first"] < 1
+            v1 = "model_a" if b["p_a_first"] > 0.5 else "model_b"
+            v2 = "model_b" if b["p_b_first"] > 0.5 else "model_a"
+            assert b["winner"] == (v1 if v1 == v2 else "tie") and b.get("inconsistent", False) == (v1 != v2)
+    from tristage.eval.judges import load_judge_prompt
+
+    jp = load_judge_prompt(str(judge_prompts))
+    assert (jp.name, jp.system, jp.reply_prefix) == ("pair-v2", "be fair.", "[[")
+
+
+@pytest.mark.parametrize("case,named", [
+    ("one", "MODELS: an arena needs at least two models (got 1)"),
+    ("missing", "no such model folder or file of answers"),
+    ("no_prompts", "no such file"),
+    ("short_answers", "no answer to the prompt at"),
+    ("judge_prompt", "--judge-prompt applies to llm:PATH judges only"),
+    ("anchor", "--anchor nobody: no such model"),
+    ("judge", "--judge 'oracle'"),
+    ("not_a_folder", "--out"),
+])
+def test_arena_bad_input_is_one_line(arena_setup, tmp_path, capsys, case, named):
+    root = arena_setup
+    argv = _arena(root, tmp_path / "o", models=("terse", "plain"))
+    if case == "one":
+        argv.remove(str(root / "plain" / "model"))
+    elif case == "missing":
+        argv[2] = str(root / "nope")
+    elif case == "no_prompts":
+        argv[argv.index("--prompts") + 1] = str(root / "nope.jsonl")
+    elif case == "short_answers":
+        _write(tmp_path / "ans.jsonl", [{"prompt": "the cat?", "answer": "meow"}])
+        argv[2] = str(tmp_path / "ans.jsonl")
+    elif case == "judge_prompt":
+        argv += ["--judge-prompt", str(tmp_path / "j.jsonl")]
+    elif case == "anchor":
+        argv += ["--anchor", "nobody=1000"]
+    elif case == "judge":
+        argv[argv.index("--judge") + 1] = "oracle"
+    elif case == "not_a_folder":
+        (tmp_path / "file").write_text("x")
+        argv[argv.index("--out") + 1] = str(tmp_path / "file")
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and named in err, err
+
+
+def test_mt_bench_judge_prompts_load():
+    from conftest import shared_data
+
+    from tristage.eval.judges import load_judge_prompt
+
+    path = shared_data("arena/mt_bench/judge_prompts.jsonl")
+    jp = load_judge_prompt(str(path))
+    assert jp.name == "pair-v2" and jp.reply_prefix == "[[" and "impartial judge" in jp.system
+    assert "{answer_b}" in jp.user and "B's Answer" in jp.messages("q?", "x", "y")[-1]["content"]
+    with pytest.raises(ValueError, match="ref_answer_1"):
+        load_judge_prompt(f"{path}:pair-math-v1")

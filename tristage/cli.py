@@ -64,6 +64,8 @@ COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
              "stage 3b: critic-free RL, GRPO / RLOO with a reward model or any Python scorer"),
     "label": ("tristage.flags.label:Config", "tristage.stages.label:main",
               "AI feedback: sample k answers per prompt, a judge picks the pair"),
+    "arena": ("tristage.flags.arena:Config", "tristage.stages.arena:main",
+              "an automatic arena: models answer prompts, a judge decides every pair, a leaderboard ranks them"),
     "leaderboard": ("tristage.flags.leaderboard:Config", "tristage.eval.leaderboard:main",
                     "rank models from pairwise battles: Bradley-Terry ratings with bootstrap intervals"),
     "world": {

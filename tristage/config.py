@@ -211,7 +211,12 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             default = f.default_factory()
         if f.metadata.get("positional"):
             # always optional for argparse: a YAML file may supply it; `parse` checks it is given somewhere
-            p.add_argument(f.name, type=_converter(base, optional), help=help_, nargs="?", default=argparse.SUPPRESS)
+            if typing.get_origin(base) in (list, tuple):  # MODEL...: any number of values
+                (elem,) = typing.get_args(base)[:1]
+                p.add_argument(f.name, type=_converter(elem, False), help=help_, nargs="*", default=argparse.SUPPRESS)
+            else:
+                p.add_argument(f.name, type=_converter(base, optional), help=help_, nargs="?",
+                               default=argparse.SUPPRESS)
             continue
         flag = "--" + f.name.replace("_", "-")
         shown = _shown_default(help_, has_default, default)

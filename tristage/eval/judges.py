@@ -13,7 +13,11 @@ Judges (`make_judge(spec)`; `tristage label` uses them, the arena will):
                           also be a path to a .py file).
   llm:PATH                pairwise: a chat model folder. One plain forward pass over the fixed judge prompt
                           (JUDGE_PROMPT, one user message + the generation prompt): P(A) = softmax over the logits of
-                          the tokens "A" and "B" at the answer position (the first token of each).
+                          the tokens "A" and "B" at the answer position (the first token of each). With a judge
+                          prompt (`judge_prompt="FILE[:NAME]"`, FastChat's judge_prompts.jsonl shape, e.g. MT-bench's
+                          pair-v2): its system message, its prompt_template filled with {question}, {answer_a} and
+                          {answer_b}, and the judge's reply started with what precedes "A" in its output_format
+                          ("[[" for "[[A]]"), so the verdict is read at once, without the explanation it asks for.
   world                   pairwise: the demo world's simulated annotator (a noisy Bradley-Terry human stand-in):
                           P(A) is its probability of preferring A; `judgement` draws its choice, with ratings and
                           rationale, as in the world's own preference data.
@@ -36,13 +40,14 @@ import importlib
 import importlib.util
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from tristage.io import UserError
+from tristage.io import UserError, read_jsonl
 from tristage.model.hf import load_model
 from tristage.model.score import load_reward_model
 from tristage.rollout import policy_tokenizer, reward_scores, reward_tokenizer
@@ -161,12 +166,62 @@ def _conversation(messages: Messages) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+@dataclass(frozen=True)
+class JudgePrompt:
+    """A pairwise judge prompt: an optional system message, a user message template with {question}, {answer_a} and
+    {answer_b}, and the start of the judge's reply after which P("A") against P("B") is read."""
+
+    name: str
+    user: str
+    system: str | None = None
+    reply_prefix: str = ""
+
+    def messages(self, question: str, a: str, b: str) -> Messages:
+        user = {"role": "user", "content": self.user.format(question=question, answer_a=a, answer_b=b)}
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [user]
+
+
+def load_judge_prompt(spec: str) -> JudgePrompt:
+    """`FILE[:NAME]`: the judge prompt NAME (default: the first pairwise one that needs only {question},
+    {answer_a} and {answer_b}, MT-bench's pair-v2 in FastChat's file) of a JSONL of {name, type, system_prompt,
+    prompt_template, output_format} records, FastChat's judge_prompts.jsonl shape."""
+    path, name = spec, None
+    if not Path(spec).exists() and ":" in spec:
+        path, _, name = spec.rpartition(":")
+    found: list[str] = []
+    for line, rec in read_jsonl(path):
+        template = rec.get("prompt_template")
+        if not isinstance(template, str) or not isinstance(rec.get("name"), str):
+            raise UserError(f"{path}:{line}: a judge prompt needs `name` and `prompt_template` strings")
+        found.append(rec["name"])
+        if name is not None and rec["name"] != name:
+            continue
+        try:
+            template.format(question="", answer_a="", answer_b="")
+        except (KeyError, IndexError, ValueError) as e:
+            if name is None:
+                continue
+            raise UserError(f"{path}:{line}: judge prompt {name!r} needs {e} in its template; a pairwise judge "
+                            "fills only {question}, {answer_a} and {answer_b}") from None
+        if name is None and rec.get("type", "pairwise") != "pairwise":
+            continue
+        system = rec.get("system_prompt")
+        fmt = rec.get("output_format")
+        prefix = fmt.split("A")[0] if isinstance(fmt, str) and "A" in fmt else ""
+        return JudgePrompt(rec["name"], template, system if isinstance(system, str) and system else None, prefix)
+    if name is not None:
+        raise UserError(f"--judge-prompt {spec}: no judge prompt named {name!r} in {path} (names: {', '.join(found)})")
+    raise UserError(f"--judge-prompt {spec}: no pairwise judge prompt with only {{question}}, {{answer_a}} and "
+                    f"{{answer_b}} in {path}")
+
+
 class LLMJudge:
-    """A chat model asked JUDGE_PROMPT; see the module docstring."""
+    """A chat model asked JUDGE_PROMPT (or a JudgePrompt); see the module docstring."""
 
     def __init__(self, spec: str, folder: str | Path, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, batch_size: int = 16, max_len: int = 1024):
-        self.spec, self.stats = spec, {"truncated": 0}
+                 dtype: torch.dtype = torch.float32, batch_size: int = 16, max_len: int = 1024,
+                 prompt: JudgePrompt | None = None):
+        self.spec, self.stats, self.prompt = spec, {"truncated": 0}, prompt
         self.tok = policy_tokenizer(folder)  # checks the folder (a causal LM) before its weights
         if not self.tok.chat_template:
             raise UserError(f"{folder}: the judge's tokenizer has no chat_template")
@@ -179,8 +234,13 @@ class LLMJudge:
         self.ab = torch.tensor([a[0], b[0]])
 
     def prompt_ids(self, messages: Messages, a: str, b: str) -> list[int]:
-        text = JUDGE_PROMPT.format(request=_conversation(messages), a=a, b=b)
-        ids = list(self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        if self.prompt is None:
+            text = JUDGE_PROMPT.format(request=_conversation(messages), a=a, b=b)
+            ids = list(self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        else:
+            ids = list(self.tok.apply_chat_template(self.prompt.messages(_conversation(messages), a, b),
+                                                    add_generation_prompt=True))
+            ids += self.tok.encode(self.prompt.reply_prefix) if self.prompt.reply_prefix else []
         if len(ids) > self.max_len:
             self.stats["truncated"] += 1
             ids = ids[len(ids) - self.max_len:]
@@ -247,10 +307,13 @@ def round_robin(judge: PairwiseJudge, prompts: Sequence[Messages],
 
 def make_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                batch_size: int = 16, max_len: int = 1024, annotator_temperature: float = 0.1,
-               seed: int = 0) -> ScalarJudge | PairwiseJudge:
+               seed: int = 0, judge_prompt: str | None = None) -> ScalarJudge | PairwiseJudge:
     """The judge for SPEC (rm:PATH | gold | world | python:MODULE:FUNCTION | llm:PATH). batch_size and max_len: the
-    model judges' forward passes; annotator_temperature and seed: the world annotator's noise."""
+    model judges' forward passes; annotator_temperature and seed: the world annotator's noise; judge_prompt
+    (FILE[:NAME], llm: only): the judge prompt to ask with (load_judge_prompt)."""
     kind, _, rest = spec.partition(":")
+    if judge_prompt is not None and not (kind == "llm" and rest):
+        raise UserError(f"--judge-prompt applies to llm:PATH judges only (the judge is {spec!r})")
     if kind == "world" and not rest:
         return AnnotatorJudge(spec, annotator_temperature, seed)
     if kind == "gold" and not rest:
@@ -260,5 +323,6 @@ def make_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dt
     if kind == "rm" and rest:
         return RewardJudge(spec, rest, device, dtype, batch_size, max_len)
     if kind == "llm" and rest:
-        return LLMJudge(spec, rest, device, dtype, batch_size, max_len)
+        prompt = load_judge_prompt(judge_prompt) if judge_prompt is not None else None
+        return LLMJudge(spec, rest, device, dtype, batch_size, max_len, prompt)
     raise UserError(f"--judge {spec!r}: expected rm:PATH, gold, world, python:MODULE:FUNCTION or llm:PATH")
