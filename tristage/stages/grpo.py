@@ -25,8 +25,9 @@ The algorithm (estimators in tristage/train/rl.py):
 
 Choices, and why:
 - Prompts whose k answers all get the same reward carry no signal (every advantage is 0); they are counted
-  ("solved_or_flat", the share of such groups) and still trained on, which only costs compute.
-- The reference is loaded only when it is used (beta > 0) or for the held-out monitor's KL, which every run has.
+  ("flat_groups", the share of such groups per step) and still trained on, which only costs compute.
+- The reference model is always loaded: the KL to it is logged every step and drawn by the held-out monitor even
+  when --beta is 0 (then it is not in the loss).
 """
 
 from __future__ import annotations
