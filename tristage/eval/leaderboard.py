@@ -89,9 +89,10 @@ def save_png(board: Leaderboard, path: str | Path, title: str = "leaderboard") -
     if board.bootstrap:
         err = np.stack([board.rating - finite_lo, finite_hi - board.rating])
         ax.errorbar(board.rating, y, xerr=np.nan_to_num(err), fmt="o", capsize=4)
-        for i in np.flatnonzero(~np.isfinite(board.upper)):
-            ax.annotate("", xy=(board.rating[i] + 80, y[i]), xytext=(board.rating[i], y[i]),
-                        arrowprops={"arrowstyle": "->"})
+        for side, bound in ((80, board.upper), (-80, board.lower)):  # an unbounded end: an arrow that way
+            for i in np.flatnonzero(np.isinf(bound)):
+                ax.annotate("", xy=(board.rating[i] + side, y[i]), xytext=(board.rating[i], y[i]),
+                            arrowprops={"arrowstyle": "->"})
     else:
         ax.plot(board.rating, y, "o")
     for i in range(p):
