@@ -34,10 +34,10 @@ def runs(demo: Path) -> dict[str, list[str]]:
     return {
         "ppo": ["ppo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "32", "--lr", "2e-5",
                 "--value-lr", "1e-4", "--beta", "0.1", *COMMON],
-        "grpo_rm": ["grpo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "8", "--num-samples", "4",
-                    "--lr", "1e-4", *COMMON],
-        "grpo_gold": ["grpo", str(sft), "--reward", "gold", *prompts, "--batch-size", "8", "--num-samples", "4",
-                      "--lr", "1e-4", *COMMON],
+        "grpo_rm": ["grpo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "8", "--num-samples", "8",
+                    "--lr", "3e-5", "--beta", "0.04", *COMMON],
+        "grpo_gold": ["grpo", str(sft), "--reward", "gold", *prompts, "--batch-size", "8", "--num-samples", "8",
+                      "--lr", "3e-5", *COMMON],
     }
 
 
