@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_pretrain.py
+	$(BIN)/python bench/bench_rl.py
 
 clean:
 	rm -rf $(VENV) runs
