@@ -71,8 +71,14 @@ class PolicyAndValue(nn.Module):
     def forward(self, batch: dict[str, Tensor], temperature: float) -> tuple[Tensor, Tensor]:
         """Log-probs [M] of the answer tokens and the values [M] before each (flat layout, tristage.stages.rl)."""
         logp, _ = rl.policy_logprobs(self.policy, batch, temperature)
-        at = (batch["lp_row"], batch["lp_pos"])
-        return logp, self.value(batch["input_ids"], at=at)[:, 0].float()
+        return logp, values_at(self.value, batch["input_ids"], batch["lp_row"], batch["lp_pos"])
+
+
+def values_at(value: ScoreModel, input_ids: Tensor, row: Tensor, pos: Tensor) -> Tensor:
+    """The value model's outputs [M] at (row, pos): one pass over every token, then a gather. Reading at almost
+    every answer token through `at=` would copy each row's keys once per read position in the last layer (2.6x
+    slower forward and backward at PPO's batch shapes, bench/RESULTS.md "PPO")."""
+    return value(input_ids)[row, pos, 0].float()
 
 
 def value_start(cfg: Config, s: loop.Session, reward_folder: str, tokenizer: Any) -> ScoreModel:
@@ -97,7 +103,7 @@ def advantages(b: rl.Rollouts, scores: list[float], value: ScoreModel, beta: flo
                s: loop.Session) -> dict[str, float]:
     """Values, per-token rewards, GAE and whitened advantages of a rollout batch, stored in b.extra (flat [M])."""
     with torch.no_grad(), autocast(s.device, s.dtype):
-        v = value(b.rows.input_ids, at=(b.rows.row, b.rows.pos))[:, 0].float()
+        v = values_at(value, b.rows.input_ids, b.rows.row, b.rows.pos)
     mask = b.rows.mask()
     sc = torch.tensor(scores, device=s.device) - cfg.missing_eos_penalty * (~torch.tensor(b.stopped, device=s.device))
     kl = kl_estimate(b.old_logp, b.ref_logp, "k1")
