@@ -202,6 +202,17 @@ class PromptRow:
         return self.messages[-1]["content"]
 
 
+def record_prompt(obj: dict[str, Any]) -> tuple[Any, list[dict[str, str]]]:
+    """(the prompt as written, its chat messages) of a {prompt: text | messages} or {messages} record; a messages
+    list is cut after its last user turn. Raises an unlocated DataError naming the field."""
+    key = prompt_field(obj)
+    value = obj[key]
+    if isinstance(value, list):
+        users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
+        value = value[:users[-1] + 1] if users else value
+    return value, prompt_messages(value, key)
+
+
 def read_prompt_file(path: str | Path) -> list[PromptRow]:
     """{prompt: text | messages} or {messages} records (a messages list is cut after its last user turn);
     a bad record raises DataError with file, line and field (the prompt is checked by the one prompt parser,
@@ -209,12 +220,7 @@ def read_prompt_file(path: str | Path) -> list[PromptRow]:
     rows = []
     for line, obj in read_jsonl(path):
         try:
-            key = prompt_field(obj)
-            value = obj[key]
-            if isinstance(value, list):
-                users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
-                value = value[:users[-1] + 1] if users else value
-            messages = prompt_messages(value, key)
+            value, messages = record_prompt(obj)
         except DataError as e:
             raise e.at(path, line) from None
         rows.append(PromptRow(value, messages, line))

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from tristage.data.records import PromptRow, check_rendering, prompt_field, prompt_messages, read_prompt_file
+from tristage.data.records import PromptRow, check_rendering, read_prompt_file, record_prompt
 from tristage.eval.arena import Battles, kendall_tau, leaderboard, parse_anchor, style_features
 from tristage.eval.judges import AnnotatorJudge, GoldJudge, Messages, PairwiseJudge, ScalarJudge, make_judge
 from tristage.eval.leaderboard import print_board, write_outputs
@@ -253,12 +253,7 @@ def file_answers(e: Entrant, rows: Sequence[PromptRow], prompts_file: str) -> li
     found: dict[str, str] = {}
     for line, obj in read_jsonl(e.path):
         try:
-            key = prompt_field(obj)
-            value = obj[key]
-            if isinstance(value, list):
-                users = [i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"]
-                value = value[:users[-1] + 1] if users else value
-            messages = prompt_messages(value, key)
+            _, messages = record_prompt(obj)
             field = next((k for k in ANSWER_KEYS if k in obj), "answer")
             if not isinstance(obj.get(field), str):
                 raise DataError(None, None, f"expected the answer as a string, got {type(obj.get(field)).__name__}",
