@@ -68,6 +68,8 @@ COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
               "an automatic arena: models answer prompts, a judge decides every pair, a leaderboard ranks them"),
     "leaderboard": ("tristage.flags.leaderboard:Config", "tristage.eval.leaderboard:main",
                     "rank models from pairwise battles: Bradley-Terry ratings with bootstrap intervals"),
+    "export-votes": ("tristage.flags.export_votes:Config", "tristage.serve.votes:export_main",
+                     "the web page's votes and annotations as preference pairs (JSONL)"),
     "world": {
         "generate": ("tristage.flags.world:GenerateConfig", "tristage.world.cli:generate_main",
                      "write the demo world's data for every stage"),
