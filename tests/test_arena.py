@@ -507,6 +507,7 @@ def test_arena_with_world_llm_and_answer_files(arena_setup, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert "kendall_tau" in summary and set(summary["gold"]) == {"terse", "wordy"}
+    assert len(summary["gold_pairs"]) == 1 and "as gold does" in text
     for b in _lines(out / "battles.jsonl"):
         if not b.get("identical"):
             assert 0 <= b["p_a"] <= 1 and {"gold_a", "gold_b"} <= set(b)
@@ -537,6 +538,59 @@ def test_arena_with_world_llm_and_answer_files(arena_setup, tmp_path, capsys):
 
     jp = load_judge_prompt(str(judge_prompts))
     assert (jp.name, jp.system, jp.reply_prefix) == ("pair-v2", "be fair.", "[[")
+
+
+def test_arena_samples_several_answers_per_prompt(arena_setup, tmp_path, capsys):
+    root = arena_setup
+    out = tmp_path / "k"
+    code, _, err = _cli(_arena(root, out, "--samples", "3", "--limit", "4", models=("terse", "plain")), capsys)
+    assert code == 0, err
+    answers = _lines(out / "answers" / "terse.jsonl")
+    assert [a["question_id"] for a in answers] == list(range(12))  # slot i*3 + j
+    prompts = _lines(root / "prompts.jsonl")[:4]
+    assert [a["prompt"] for a in answers] == [p["prompt"] for p in prompts for _ in range(3)]
+    for i in range(4):  # the three samples of a prompt are drawn with their own seeds
+        assert len({a["answer"] for a in answers[3 * i:3 * i + 3]}) > 1 or answers[3 * i]["finish_reason"] == "stop"
+    battles = _lines(out / "battles.jsonl")
+    assert sorted(b["question_id"] for b in battles) == list(range(12))
+    one = tmp_path / "one"  # sample 0 is the answer a --samples 1 run draws
+    assert _cli(_arena(root, one, "--limit", "4", models=("terse", "plain")), capsys)[0] == 0
+    first = _lines(one / "answers" / "terse.jsonl")
+    assert answers[0]["answer"] == first[0]["answer"]
+    # an answers file serves K answers per prompt in file order, and too few is one located line
+    out2 = tmp_path / "files"
+    code, _, err = _cli(["arena", f"t={out / 'answers' / 'terse.jsonl'}", f"p={out / 'answers' / 'plain.jsonl'}",
+                         "--prompts", str(root / "prompts.jsonl"), "--limit", "4", "--samples", "3", "--judge",
+                         f"python:{__file__}:by_length", "--out", str(out2), "--bootstrap", "0", "--no-progress"],
+                        capsys)
+    assert code == 0, err
+    def won(b, rename=lambda m: m):  # the winner's name (sides are drawn per name, so they differ)
+        return rename(b[b["winner"]]) if b["winner"] in ("model_a", "model_b") else b["winner"]
+
+    full = {"t": "terse", "p": "plain"}.get
+    assert (sorted((b["question_id"], won(b, full)) for b in _lines(out2 / "battles.jsonl"))
+            == sorted((b["question_id"], won(b)) for b in battles))
+    code, _, err = _cli(["arena", f"t={out / 'answers' / 'terse.jsonl'}", f"p={out / 'answers' / 'plain.jsonl'}",
+                         "--prompts", str(root / "prompts.jsonl"), "--limit", "4", "--samples", "4", "--judge",
+                         "gold", "--out", str(tmp_path / "short"), "--no-progress"], capsys)
+    assert code == 2 and "3 answer(s) to the prompt at" in err and "--samples 4 needs 4" in err, err
+    code, _, err = _cli(_arena(root, tmp_path / "g", "--samples", "2", "--temperature", "0"), capsys)
+    assert code == 2 and "--temperature 0" in err and err.count("\n") == 1, err
+
+
+def test_gold_pairs_checks_the_board_where_gold_resolves_the_pair():
+    from tristage.stages.arena import gold_pairs
+
+    gold = {"a": [0.9, 0.8, 0.9, 0.8], "b": [0.5, 0.4, 0.5, 0.5], "c": [0.5, 0.5, 0.4, 0.5]}
+    pairs = gold_pairs(["a", "b", "c"], [900.0, 1000.0, 1100.0], gold)
+    by = {(p["model_a"], p["model_b"]): p for p in pairs}
+    assert list(by) == [("c", "b"), ("c", "a"), ("b", "a")]  # the better-rated first
+    assert by[("c", "b")]["gold_diff"] == pytest.approx(0.0) and not by[("c", "b")]["gold_resolved"]
+    ca = by[("c", "a")]
+    assert ca["gold_diff"] == pytest.approx(-0.375) and ca["gold_resolved"] and not ca["agree"]
+    assert ca["rating_diff"] == pytest.approx(200.0)
+    d = [-0.4, -0.4, -0.4, -0.3]  # b - a per slot: mean -0.375, sd 0.05, half-width 1.96 * 0.05 / 2
+    assert by[("b", "a")]["high"] == pytest.approx(-0.375 + 1.96 * np.std(d, ddof=1) / 2)
 
 
 @pytest.mark.parametrize("case,named", [

@@ -8,6 +8,7 @@ from typing import Literal
 from tristage.config import arg
 from tristage.flags.base import device_problem, dtype_problem
 from tristage.flags.leaderboard import anchor_problem
+from tristage.io import UserError
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Config:
                                               "judge prompts (e.g. mt_bench/judge_prompts.jsonl; default NAME: its "
                                               "first pairwise prompt, pair-v2); default: tristage's own")
     limit: int | None = arg(None, check=">=1", help="use only the first N prompts")
+    samples: int = arg(1, check=">=1", help="answers per model and prompt; sample j of each model meets sample j of "
+                                            "every other (more battles per prompt: finer ratings from few prompts; "
+                                            "needs --temperature > 0)")
     max_new_tokens: int = arg(160, check=">=1", help="tokens per answer at most")
     temperature: float = arg(0.7, check=">=0", help="sampling temperature of the answers (0 = greedy)")
     top_p: float = arg(1.0, check="(0, 1]", help="nucleus sampling mass (1 = off)")
@@ -50,3 +54,8 @@ class Config:
     dtype: str = arg("float32", check=dtype_problem,
                      help="float32, bfloat16, float16, or auto (the models and a model judge)")
     progress: bool = arg(True, help="show a progress bar")
+
+    def check_flags(self) -> None:
+        if self.samples > 1 and self.temperature == 0:
+            raise UserError(f"--samples {self.samples} with --temperature 0: greedy answers to a prompt are all the "
+                            "same; sample (--temperature > 0) or use --samples 1")

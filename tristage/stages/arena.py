@@ -8,9 +8,10 @@ the models.
         --judge-prompt shared/data/arena/mt_bench/judge_prompts.jsonl:pair-v2 --out runs/arena2
 
 The algorithm:
-1. Answers. Each model folder answers every prompt once through the shared engine (tristage.rollout.sample_answers:
-   its chat template + generation prompt, its stop ids), --batch-size prompts at a time; the answer to prompt i is
-   drawn from its own generator seeded by (--seed, i), so it does not depend on the other prompts of its batch. A
+1. Answers. Each model folder answers every prompt --samples times (default once) through the shared engine
+   (tristage.rollout.sample_answers: its chat template + generation prompt, its stop ids), --batch-size prompts at a
+   time; each answer is drawn from its own generator seeded by (--seed, its slot), so it does not depend on the
+   other prompts of its batch, and every model draws with the same seeds (common random numbers). A
    file of answers already generated ({prompt | messages, answer | response} records, matched to the prompts by
    their messages; the arena's own answers/NAME.jsonl are such files) is read instead. Answers are stripped.
 2. Battles. Every prompt x every pair of models is one battle, and which model is shown as A is drawn per battle
@@ -27,7 +28,9 @@ The algorithm:
 3. The leaderboard (tristage/eval/arena.py has the method): Bradley-Terry ratings with --bootstrap intervals over
    the battles between the models of this command, printed, and written as leaderboard.json, leaderboard.png and
    matrices.json (battle counts, win fractions, predicted win rates). With the gold report (the demo world), each
-   model's mean gold score over its answers (95% interval) and Kendall's tau between the ratings and those means.
+   model's mean gold score over its answers (95% interval), Kendall's tau between the ratings and those means, and
+   for every pair of models the paired gold difference with its interval: the board is checked on the pairs that
+   gold itself orders on these answers (a gap inside the noise is no test of the board).
    summary.json holds it all.
 
 Resuming: --out keeps arena.json (the settings), answers/NAME.jsonl and battles.jsonl, appended a batch at a time
@@ -35,7 +38,10 @@ and flushed to disk. The same command again skips what is there (answers batch b
 torn last line of an interrupted write is dropped): an interrupted run continues, a finished one only redraws the
 board. A model added to the command joins the run (only its answers and battles are computed); other prompts,
 sampling settings or judge are refused (--overwrite starts over), as is a name bound to another path.
-Simplified: one answer per model and prompt; the models are loaded one at a time, the judge alongside.
+--samples K: prompt i has K answer slots i*K .. i*K + K-1 (the question_id of answers and battles), each drawn with
+its own seed; the battles pair slot by slot, so K multiplies the battles per prompt. Differences of a few thousandths
+of gold need thousands of battles per pair; more prompts are better than more samples, but a prompt set is finite.
+Simplified: the models are loaded one at a time, the judge alongside.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ def run_settings(cfg: Config, rows: Sequence[PromptRow]) -> dict[str, Any]:
     sha = hashlib.sha256("\n".join(_key(r.messages) for r in rows).encode()).hexdigest()
     return {"prompts": {"count": len(rows), "sha256": sha},
             "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                         "top_k": cfg.top_k, "seed": cfg.seed},
+                         "top_k": cfg.top_k, "seed": cfg.seed, "samples": cfg.samples},
             "judge": {"spec": cfg.judge, "judge_prompt": cfg.judge_prompt, "max_len": cfg.max_len,
                       "annotator_temperature": cfg.annotator_temperature}}
 
@@ -247,10 +253,11 @@ def generate_answers(e: Entrant, cfg: Config, rows: Sequence[PromptRow], out: Pa
     return {"generated": sum(len(c) for c in todo), "kept": len(kept)}
 
 
-def file_answers(e: Entrant, rows: Sequence[PromptRow], prompts_file: str) -> list[str]:
+def file_answers(e: Entrant, rows: Sequence[PromptRow], prompts_file: str, samples: int = 1) -> list[str]:
     """The answers of a file ({prompt | messages, answer | response | output}) to each prompt, matched by its
-    messages (a messages list is cut after its last user turn, as prompt files are read)."""
-    found: dict[str, str] = {}
+    messages (a messages list is cut after its last user turn, as prompt files are read); with `samples` K, the
+    first K answers to each prompt in file order, as slots i*K .. i*K + K-1."""
+    found: dict[str, list[str]] = {}
     for line, obj in read_jsonl(e.path):
         try:
             _, messages = record_prompt(obj)
@@ -260,12 +267,14 @@ def file_answers(e: Entrant, rows: Sequence[PromptRow], prompts_file: str) -> li
                                 field)
         except DataError as err:
             raise err.at(e.path, line) from None
-        found.setdefault(_key(messages), obj[field].strip())
+        found.setdefault(_key(messages), []).append(obj[field].strip())
     answers = []
     for r in rows:
-        if (a := found.get(_key(r.messages))) is None:
-            raise UserError(f"{e.path}: no answer to the prompt at {prompts_file}:{r.line}")
-        answers.append(a)
+        have = found.get(_key(r.messages), [])
+        if len(have) < samples:
+            raise UserError(f"{e.path}: {'no answer' if not have else f'{len(have)} answer(s)'} to the prompt at "
+                            f"{prompts_file}:{r.line}" + (f"; --samples {samples} needs {samples}" if have else ""))
+        answers.extend(have[:samples])
     return answers
 
 
@@ -328,6 +337,18 @@ def judge_battles(judge: ScalarJudge | PairwiseJudge, todo: Sequence[tuple[int, 
     return recs
 
 
+def gold_pairs(models: Sequence[str], ratings: Sequence[float], gold: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """For every pair of models (the better-rated first): the paired mean gold difference over the same answer slots
+    with its 95% interval, whether that interval excludes 0 (gold resolves the pair on these answers), and whether
+    the board orders the pair as the gold means do."""
+    out = []
+    for (a, ra), (b, rb) in combinations(sorted(zip(models, ratings), key=lambda t: -t[1]), 2):
+        d, lo, hi = mean_ci95([x - y for x, y in zip(gold[a], gold[b])])
+        out.append({"model_a": a, "model_b": b, "rating_diff": ra - rb, "gold_diff": d, "low": lo, "high": hi,
+                    "gold_resolved": lo > 0 or hi < 0, "agree": (d > 0) == (ra > rb) and d != 0})
+    return out
+
+
 # ----------------------------------------------------------------------------- the command
 def main(cfg: Config) -> dict[str, Any]:
     entrants = parse_entrants(cfg.models)
@@ -335,16 +356,17 @@ def main(cfg: Config) -> dict[str, Any]:
     anchor = parse_anchor(cfg.anchor) if cfg.anchor else None
     if anchor is not None and anchor[0] not in {e.name for e in entrants}:
         raise UserError(f"--anchor {anchor[0]}: no such model among {', '.join(e.name for e in entrants)}")
-    rows = read_prompt_file(cfg.prompts)[:cfg.limit]
+    prompts = read_prompt_file(cfg.prompts)[:cfg.limit]
+    rows = [r for r in prompts for _ in range(cfg.samples)]  # slot i*K + j: sample j of prompt i
     out = open_run(cfg, rows, entrants)
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     answers: dict[str, list[str]] = {}
     for e in entrants:  # every file and model checked before minutes of generation
         if e.kind == "answers":
-            answers[e.name] = file_answers(e, rows, cfg.prompts)
+            answers[e.name] = file_answers(e, prompts, cfg.prompts, cfg.samples)
         else:
-            check_prompts(e, rows, cfg.prompts)
+            check_prompts(e, prompts, cfg.prompts)
     judge = make_judge(cfg.judge, device=device, dtype=dtype, batch_size=cfg.judge_batch_size, max_len=cfg.max_len,
                        annotator_temperature=cfg.annotator_temperature, seed=cfg.seed, judge_prompt=cfg.judge_prompt)
     counts: dict[str, Any] = {"answers": {}}
@@ -399,13 +421,18 @@ def finish(cfg: Config, out: Path, rows: Sequence[PromptRow], entrants: Sequence
         isinstance(judge, (AnnotatorJudge, GoldJudge)) or 2 * sum(parse_prompt(r.text).kind != "free" for r in rows)
         >= len(rows)))
     if gold_on:
-        gold = {m: mean_ci95([score(r.text, answers[m][i]).overall for i, r in enumerate(rows)])
-                for m in board.models}
+        each = {m: [score(r.text, answers[m][i]).overall for i, r in enumerate(rows)] for m in board.models}
+        gold = {m: mean_ci95(g) for m, g in each.items()}
         summary["gold"] = {m: {"mean": g[0], "low": g[1], "high": g[2]} for m, g in gold.items()}
         summary["kendall_tau"] = kendall_tau(board.rating, [gold[m][0] for m in board.models])
+        summary["gold_pairs"] = pairs = gold_pairs(board.models, board.rating.tolist(), each)
         for m in board.models:
             print(f"arena: gold {m}: {gold[m][0]:.4f} [{gold[m][1]:.4f}, {gold[m][2]:.4f}]")
         print(f"arena: Kendall tau between the ratings and the mean gold scores: {summary['kendall_tau']:.3f}")
+        resolved = [p for p in pairs if p["gold_resolved"]]
+        print(f"arena: the board orders {sum(p['agree'] for p in resolved)} of the {len(resolved)} model pairs whose "
+              f"gold means differ (paired 95% interval excluding 0) as gold does; {len(pairs) - len(resolved)} "
+              "pair(s) gold itself cannot order on these answers")
     write_json(out / "summary.json", summary)
     print(f"arena: {counts['battles_judged']} battles judged now, {counts['battles_kept']} kept from before; "
           f"{summary['ties']} ties ({summary['identical']} identical answers"
