@@ -146,7 +146,7 @@ def open_run(cfg: Config, rows: Sequence[PromptRow], entrants: Sequence[Entrant]
             raise UserError(f"{state}: damaged (not JSON); --overwrite starts over") from None
         for part in ("prompts", "sampling", "judge"):
             for k, v in new[part].items():
-                was = old.get(part, {}).get(k)
+                was = old.get(part, {}).get(k, 1 if k == "samples" else None)  # runs from before --samples: 1
                 if was == v:
                     continue
                 what = (f"another {part} setting, {k} {was!r} (now {v!r})" if part != "prompts" else
