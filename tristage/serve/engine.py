@@ -368,3 +368,284 @@ class Engine:
             cache.slot = batch.kpos[t:t + 1]
             return self._compiled(tok, pos, m, cache.ks, cache.vs, cache.slot)
         return self.model(tok, pos, m, cache)[:, -1]
+
+
+# ----------------------------------------------------------------------------- continuous batching
+class RowKVCache(SlotKVCache):
+    """Per-row slots: row r's new key goes to its own slot `slot[r]` (every row fills its slots 0, 1, 2, ... from
+    its first token, whenever it joined), attention over the first `n` slots with a per-row key mask."""
+
+    def __init__(self, ks: list[Tensor], vs: list[Tensor], slot: Tensor, n: int):
+        super().__init__(ks, vs, slot, n)
+        self.rows = torch.arange(len(slot), device=slot.device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.ks[layer][self.rows, :, self.slot] = k[:, :, 0]  # k [B, kv_heads, 1, head_dim]
+        self.vs[layer][self.rows, :, self.slot] = v[:, :, 0]
+        return self.ks[layer][:, :, : self.n], self.vs[layer][:, :, : self.n]
+
+
+@dataclass
+class Request:
+    """One sequence to complete in a `ContinuousBatch`. `key` is the caller's handle; it comes back with every
+    token. A row draws from its own generator (None: an unseeded one), so its tokens do not depend on its
+    neighbours. `top_logprobs` > 0 also returns that many most likely tokens (raw log-probs) at each step."""
+
+    key: object
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    top_logprobs: int = 0
+
+
+@dataclass
+class Token:
+    """One step of one request: the token, and its finish reason when it is the last one."""
+
+    key: object
+    token: int
+    finish_reason: Literal["stop", "length"] | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class _Row:
+    req: Request
+    max_new: int
+    stops: frozenset[int]
+    generated: int = 0
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                noise: Tensor | None) -> Tensor:
+    """`sample` with a temperature, top-k and top-p per row: logits [b, V] (fp32), the others [b] -> tokens [b].
+
+    Rows with temperature 0 take the argmax; the others argmax(softmax(filtered logits / T) / noise).
+    """
+    greedy = logits.argmax(-1)
+    if noise is None:
+        return greedy
+    z = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):  # top-k, then top-p on what is left (as filter_logits)
+        sorted_z, order = z.sort(dim=-1, descending=True)
+        rank = torch.arange(z.shape[-1], device=z.device)[None, :]
+        cut = rank >= torch.where(top_k > 0, top_k, z.shape[-1])[:, None]
+        probs = sorted_z.masked_fill(cut, -math.inf).softmax(-1)
+        remove = cut | (probs.cumsum(-1) - probs >= top_p[:, None])
+        z = z.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    return torch.where(temperature > 0, (z.softmax(-1) / noise).argmax(-1), greedy)
+
+
+class ContinuousBatch:
+    """Requests that join and leave a running batch between decode steps (the server's engine).
+
+        batch = ContinuousBatch(model, max_rows=32)
+        batch.add(Request(key, prompt_ids, SamplingParams(max_new_tokens=64, stop_ids=[2])))
+        while batch.busy:
+            for t in batch.step(): ...       # Token(key, token, finish_reason, logprob, top_logprobs)
+        batch.cancel(key)                    # the row leaves at once (a client went away)
+
+    Each request has a row of the cache, and each row its own slots from 0: row r's next token goes to slot
+    lens[r] with position id lens[r] (`RowKVCache`), and attends to its slots 0..lens[r] (a per-row key mask
+    over the first max(lens) + 1 slots). So a row's keys never move when others join or leave, and its output is
+    that of the request alone (greedy: tested against `Engine.generate`). A step is one decode forward for the
+    rows already running, then the waiting requests join: one right-padded prefill (plain causal attention is
+    exact for the real tokens; the padding's keys are masked and later overwritten) whose keys are copied into
+    free rows, and whose logits give each joiner its first token in the same step. A finished or cancelled row is
+    a hole that the next joiner reuses; holes still ride along in the decode forward (as the engine's finished
+    rows do), so once a quarter of the rows are holes and nobody waits, the cache is compacted (one copy).
+    The cache grows on demand (rows up to max_rows, slots doubling up to max_position_embeddings), so an idle
+    server holds little memory. Not thread-safe: one thread drives it (tristage/serve/batcher.py).
+    """
+
+    def __init__(self, model: GPT, *, max_rows: int = 32, max_prefill_tokens: int = 8192,
+                 compact_at: float = 0.25):
+        self.model = model
+        self.max_rows, self.max_prefill_tokens, self.compact_at = max_rows, max_prefill_tokens, compact_at
+        cfg = model.config
+        self.context = cfg.max_position_embeddings
+        self.window = cfg.sliding_window
+        self.dev, self.dtype = model.rope_cos.device, next(model.parameters()).dtype
+        self.waiting: list[Request] = []
+        self.rows: list[_Row | None] = []  # by cache row; None = free
+        shape = (0, cfg.num_key_value_heads, 0, cfg.head_dim)
+        self.ks = [torch.zeros(shape, device=self.dev, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.vs = [torch.zeros(shape, device=self.dev, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.lens = torch.zeros(0, dtype=torch.long, device=self.dev)  # tokens in each row's cache
+        self.last = torch.zeros(0, dtype=torch.long, device=self.dev)  # the token each row feeds next
+        self.kpos = torch.arange(self.context, device=self.dev)
+
+    # ---- public -------------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or self.running > 0
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def add(self, req: Request) -> None:
+        """Queue a request; it joins at the next step. ValueError when its prompt leaves no room in the context."""
+        if not req.prompt:
+            raise ValueError("every prompt needs at least one token")
+        if len(req.prompt) >= self.context:
+            raise ValueError(f"prompt of {len(req.prompt)} tokens leaves no room within max_position_embeddings "
+                             f"{self.context}")
+        self.waiting.append(req)
+
+    @torch.inference_mode()  # the batch's tensors are inference tensors: changed only in inference mode
+    def cancel(self, key: object) -> bool:
+        """Drop the request `key` (waiting or running); False when there is none."""
+        for i, req in enumerate(self.waiting):
+            if req.key == key:
+                del self.waiting[i]
+                return True
+        for r, row in enumerate(self.rows):
+            if row is not None and row.req.key == key:
+                self._free(r)
+                return True
+        return False
+
+    @torch.inference_mode()
+    def reset(self) -> list[object]:
+        """Drop every request (after a failed step): -> their keys."""
+        keys = [q.key for q in self.waiting] + [r.req.key for r in self.rows if r is not None]
+        self.waiting, self.rows = [], [None] * len(self.rows)
+        self.lens.zero_()
+        self.last.zero_()
+        return keys
+
+    @torch.inference_mode()
+    def step(self) -> list[Token]:
+        """One token for every running request (a decode step), then the waiting ones join (a prefill)."""
+        out: list[Token] = []
+        live = [r for r, row in enumerate(self.rows) if row is not None]
+        if live:
+            out += self._emit(live, self._decode(live))
+        joined, logits = self._join() if self.waiting else ([], None)
+        if joined:
+            out += self._emit(joined, logits)
+        elif self.rows and len(self.rows) - self.running >= max(1, self.compact_at * len(self.rows)):
+            self._compact()
+        return out
+
+    # ---- the parts ----------------------------------------------------------------------------------------------
+    def _decode(self, live: list[int]) -> Tensor:
+        """Feed every row's last token (holes too: they attend to their slot 0 only): -> logits of the live rows."""
+        n = int(self.lens.max()) + 1
+        self._grow(len(self.rows), n)
+        m = self.kpos[None, :n] <= self.lens[:, None]
+        if self.window is not None and n > self.window:
+            m = m & (self.kpos[None, :n] > self.lens[:, None] - self.window)
+        cache = RowKVCache(self.ks, self.vs, self.lens, n)
+        logits = self.model(self.last[:, None], self.lens[:, None], m[:, None, None, :], cache)[:, -1]
+        idx = torch.tensor(live, device=self.dev)
+        self.lens[idx] += 1
+        return logits[idx]
+
+    def _join(self) -> tuple[list[int], Tensor | None]:
+        """Prefill as many waiting requests as there are rows (and prefill budget) for: -> their rows, logits."""
+        free = [r for r, row in enumerate(self.rows) if row is None]
+        room = len(free) + self.max_rows - len(self.rows)
+        take: list[Request] = []
+        while self.waiting and len(take) < room:
+            T = max(len(q.prompt) for q in [*take, self.waiting[0]])
+            if take and T * (len(take) + 1) > self.max_prefill_tokens:
+                break
+            take.append(self.waiting.pop(0))
+        if not take:
+            return [], None
+        need = len(take) - len(free)
+        if need > 0:
+            free += list(range(len(self.rows), len(self.rows) + need))
+        rows = free[: len(take)]
+        lens = [len(q.prompt) for q in take]
+        T = max(lens)
+        self._grow(len(self.rows) + max(need, 0), T)
+        ids = torch.zeros(len(take), T, dtype=torch.long, device=self.dev)
+        for i, q in enumerate(take):
+            ids[i, : lens[i]] = torch.tensor(q.prompt, dtype=torch.long)
+        cache = KVCache(self.model.config, len(take), T, self.dev, self.dtype)
+        mask = None
+        if self.window is not None and T > self.window:
+            mask = prefill_mask(torch.ones(len(take), T, dtype=torch.bool, device=self.dev), T, T, self.window)
+        h = self.model.hidden_states(ids, None, mask, cache)
+        last = torch.tensor(lens, device=self.dev) - 1
+        logits = self.model.logits(h[torch.arange(len(take), device=self.dev), last])
+        idx = torch.tensor(rows, device=self.dev)
+        for layer in range(len(self.ks)):
+            self.ks[layer][idx, :, :T] = cache.k[layer]
+            self.vs[layer][idx, :, :T] = cache.v[layer]
+        self.lens[idx] = torch.tensor(lens, device=self.dev)
+        for r, q in zip(rows, take):
+            self.rows[r] = _Row(q, min(q.params.max_new_tokens, self.context - len(q.prompt)),
+                                frozenset(q.params.stop_ids))
+        return rows, logits
+
+    def _emit(self, rows: list[int], logits: Tensor) -> list[Token]:
+        """Sample one token for each of `rows` from logits [len(rows), V]; finished rows leave."""
+        logits = logits.float()
+        reqs = [self.rows[r].req for r in rows]  # type: ignore[union-attr]
+        temp = torch.tensor([q.params.temperature for q in reqs], device=self.dev)
+        noise = None
+        if any(q.params.temperature > 0 for q in reqs):
+            V = logits.shape[-1]
+            noise = torch.stack([torch.empty(V, device=self.dev).exponential_(1, generator=q.generator)
+                                 if q.params.temperature > 0 else torch.ones(V, device=self.dev) for q in reqs])
+        tok = sample_rows(logits, temp, torch.tensor([q.params.top_k for q in reqs], device=self.dev),
+                          torch.tensor([q.params.top_p for q in reqs], device=self.dev), noise)
+        lps = top = None
+        want = [q.params.logprobs or q.top_logprobs > 0 for q in reqs]
+        if any(want):
+            lsm = logits.log_softmax(-1)
+            lps = lsm.gather(-1, tok[:, None])[:, 0].tolist()
+            k = max(q.top_logprobs for q in reqs)
+            if k > 0:
+                v, i = lsm.topk(min(k, lsm.shape[-1]), dim=-1)
+                top = list(zip(i.tolist(), v.tolist()))
+        self.last[torch.tensor(rows, device=self.dev)] = tok
+        out = []
+        for j, (r, t) in enumerate(zip(rows, tok.tolist())):
+            row = self.rows[r]
+            assert row is not None
+            row.generated += 1
+            reason = "stop" if t in row.stops else "length" if row.generated >= row.max_new else None
+            q = row.req
+            out.append(Token(q.key, t, reason, lps[j] if lps is not None and want[j] else None,
+                             list(zip(*top[j]))[: q.top_logprobs] if top is not None and q.top_logprobs else None))
+            if reason is not None:
+                self._free(r)
+        return out
+
+    def _free(self, r: int) -> None:
+        self.rows[r] = None
+        self.lens[r] = 0
+        self.last[r] = 0
+
+    def _grow(self, rows: int, slots: int) -> None:
+        """Make the cache at least rows x slots (slots doubling, up to the context)."""
+        R, L = self.ks[0].shape[0], self.ks[0].shape[2]
+        if rows <= R and slots <= L:
+            return
+        newL = L if slots <= L else min(self.context, max(slots, 2 * L, 64))
+        newR = max(rows, R)
+
+        def grown(t: Tensor) -> Tensor:
+            new = t.new_zeros(newR, t.shape[1], newL, t.shape[3])
+            new[:R, :, :L] = t
+            return new
+
+        self.ks, self.vs = [grown(t) for t in self.ks], [grown(t) for t in self.vs]
+        if newR > R:
+            self.lens = torch.cat([self.lens, self.lens.new_zeros(newR - R)])
+            self.last = torch.cat([self.last, self.last.new_zeros(newR - R)])
+            self.rows += [None] * (newR - R)
+
+    def _compact(self) -> None:
+        """Holes leave the cache (one copy of it)."""
+        keep = [r for r, row in enumerate(self.rows) if row is not None]
+        idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
+        self.ks, self.vs = [t[idx] for t in self.ks], [t[idx] for t in self.vs]
+        self.lens, self.last = self.lens[idx], self.last[idx]
+        self.rows = [self.rows[r] for r in keep]
