@@ -46,7 +46,7 @@ def test_kl_to_itself_is_zero_and_to_another_model_positive(two_models):
     root, _ = two_models
     same = compare_to_reference(root / "a", root / "a", root / "prompts.jsonl", kl_samples=2)
     assert abs(same["kl"]) < 1e-3 and same["win_rate"] == 0.5 and same["gold"] == same["gold_reference"]
-    assert same["gold_gain"] == 0 and same["gold_gain_ci95"] == [0, 0]
+    assert same["gold_gain"] == 0 and same["gold_gain_ci95"] == [0, 0] and same["win_rate_ci95"] == [0.5, 0.5]
     other = compare_to_reference(root / "a", root / "b", root / "prompts.jsonl", kl_samples=2)
     assert other["kl"] > 0.1
     assert other["n"] == 4
@@ -54,6 +54,8 @@ def test_kl_to_itself_is_zero_and_to_another_model_positive(two_models):
     assert other["gold_gain"] == pytest.approx(other["gold"] - other["gold_reference"])
     lo, hi = other["gold_gain_ci95"]
     assert lo <= other["gold_gain"] <= hi and (hi - lo) / 2 >= 0
+    wlo, whi = other["win_rate_ci95"]
+    assert wlo <= other["win_rate"] <= whi and 0 <= other["win_rate"] <= 1
 
 
 def test_mean_ci95_by_hand():

@@ -73,7 +73,7 @@ def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_fil
 
     - gold: both answer greedily; mean gold scores of each, the mean gain over prompts with its 95% confidence
       interval (paired: the per-prompt differences, normal approximation), and the policy's win rate
-      (gold(policy) > gold(reference) counts 1, a tie 1/2).
+      (gold(policy) > gold(reference) counts 1, a tie 1/2) with its 95% interval over prompts.
     - KL(policy || reference), the price paid for the gain: the mean over sampled answers y ~ policy
       (temperature 1, `kl_samples` per prompt) of log pi(y|x) - log pi_ref(y|x), in nats per answer
       (log pi from the engine, log pi_ref from tristage.rollout.completion_logprobs).
@@ -84,7 +84,7 @@ def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_fil
     ours, theirs = answer(policy, prompts), answer(ref, prompts)
     s_ours = [score(p, a).overall for p, (a, _) in zip(prompts, ours)]
     s_theirs = [score(p, a).overall for p, (a, _) in zip(prompts, theirs)]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_ours, s_theirs))
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_ours, s_theirs)]
     params = SamplingParams(max_new_tokens=160, temperature=1.0, seed=seed, stop_ids=policy.stop_ids, logprobs=True)
     sampled = [r for rs in sample_answers(Engine(policy.model), policy.tokenizer, _user_turns(prompts), kl_samples,
                                           params) for r in rs]
@@ -94,7 +94,7 @@ def compare_to_reference(model_dir: str | Path, ref_dir: str | Path, prompts_fil
     n = len(prompts)
     gain, lo, hi = mean_ci95([a - b for a, b in zip(s_ours, s_theirs)])
     return {"n": n, "gold": sum(s_ours) / n, "gold_reference": sum(s_theirs) / n, "gold_gain": gain,
-            "gold_gain_ci95": [lo, hi], "win_rate": wins / n,
+            "gold_gain_ci95": [lo, hi], "win_rate": sum(wins) / n, "win_rate_ci95": list(mean_ci95(wins)[1:]),
             "kl": sum(a - b for a, b in zip(lp_policy, lp_ref)) / len(sampled),
             "stop_rate": sum(s for _, s in ours) / n}
 
