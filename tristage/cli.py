@@ -70,6 +70,8 @@ COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
                     "rank models from pairwise battles: Bradley-Terry ratings with bootstrap intervals"),
     "export-votes": ("tristage.flags.export_votes:Config", "tristage.serve.votes:export_main",
                      "the web page's votes and annotations as preference pairs (JSONL)"),
+    "serve": ("tristage.flags.serve:Config", "tristage.serve.server:main",
+              "serve models over an OpenAI-compatible API (continuous batching), and the web pages with --db"),
     "world": {
         "generate": ("tristage.flags.world:GenerateConfig", "tristage.world.cli:generate_main",
                      "write the demo world's data for every stage"),

@@ -422,3 +422,39 @@ async def _respond(reply: _Reply, request: Request):
         if await request.is_disconnected():
             task.cancel()
             return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+
+
+# ----------------------------------------------------------------------------- the command
+def main(cfg) -> int:
+    """`tristage serve`: check the flags and folders, load the models, serve until interrupted."""
+    import os
+    import socket
+    from pathlib import Path
+
+    import uvicorn
+
+    from tristage.io import UserError
+    from tristage.runtime import resolve_device, resolve_dtype
+    from tristage.serve.hub import model_specs
+
+    model_specs(cfg.models)  # every folder checked before a port is taken or a weight read
+    if cfg.db is not None and not Path(cfg.db).resolve().parent.is_dir():
+        raise UserError(f"--db {cfg.db}: its folder does not exist")
+    try:  # the port, before minutes of loading: a busy port is the user's to fix
+        with socket.create_server((cfg.host, cfg.port)):
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({why})") from None
+    device = resolve_device(cfg.device)
+    hub = Hub.load(cfg.models, device=device, dtype=resolve_dtype(cfg.dtype, device), max_batch=cfg.max_batch)
+    api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("TRISTAGE_API_KEY") or None
+    app = create_app(hub, api_key=api_key, db=cfg.db)
+    print(f"serving {', '.join(hub.names)} at http://{cfg.host}:{cfg.port}/v1"
+          + (f", pages at http://{cfg.host}:{cfg.port}/" if cfg.db is not None else "")
+          + (" (API key required)" if api_key else ""), flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        hub.close()
+    return 0
