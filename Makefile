@@ -14,13 +14,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[serve,plot,test]"
 	touch $(STAMP)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 install: $(STAMP)
+
+# headless Chromium for the browser tests (tests/test_web_browser.py, skipped without it), from the system's
+# packages where apt-get is there and we are root; its absence never fails the build
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y chromium >/dev/null; } || \
+	  echo "chromium is not installed: the browser tests will be skipped"
 
 demo: $(STAMP)
 	$(BIN)/tristage demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
 
