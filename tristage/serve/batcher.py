@@ -39,6 +39,7 @@ class Batcher:
         self.inbox: queue.Queue = queue.Queue()
         self.sinks: dict[object, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # the thread's own
         self.cancelled = 0  # requests cancelled while waiting or running (a count for tests and logs)
+        self.peak = 0  # the most requests in the batch (running or waiting) at one step
         self.thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self.thread.start()
 
@@ -76,6 +77,7 @@ class Batcher:
                 self._command(cmd)
             if not self.batch.busy:
                 continue
+            self.peak = max(self.peak, self.batch.running + len(self.batch.waiting))
             try:
                 out: list[tuple[object, Token | Exception]] = [(t.key, t) for t in self.batch.step()]
             except Exception as e:  # an internal failure: fail who was in the batch, keep serving
