@@ -144,7 +144,7 @@ async def _aclose(it: Any) -> None:
 
 def _hub_error(e: BaseException) -> BadRequest:
     """A hub's refusal (too long a prompt, a bad parameter) as a 4xx; anything else as a 500, logged."""
-    status = getattr(e, "status_code", None)
+    status = getattr(e, "status_code", getattr(e, "status", None))  # HTTPException's, or the hub's HubError's
     if isinstance(status, int) and 400 <= status < 500:
         return BadRequest(str(getattr(e, "detail", e)), status)
     if isinstance(e, ValueError):
