@@ -258,3 +258,33 @@ def test_config_lists_models_and_attribute_sets(client):
     assert cfg["models"] == ["alpha", "beta", "gamma"] and cfg["default_attributes"] == "default"
     assert cfg["attribute_sets"]["default"] == ["helpfulness", "honesty", "harmlessness", "instruction_following"]
     assert "plausibility" in cfg["attribute_sets"]["world"]
+
+
+def test_a_client_that_leaves_mid_answer_ends_the_hubs_iteration(tmp_path):
+    """Closing the stream (a page's Stop button, a closed tab) cancels the hub's iteration: its slot is freed."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    hub = FakeHub(names=["alpha", "beta"], answers={"alpha": "x" * 4000}, delay=0.01)  # ~10 s if read to the end
+    srv = uvicorn.Server(uvicorn.Config(web_app(hub, tmp_path / "v.db"), host="127.0.0.1", port=0,
+                                        log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        with httpx.stream("POST", base + "/web/chat", json={"model": "alpha", "messages": "hi"}) as r:
+            lines = r.iter_lines()
+            assert json.loads(next(lines)) == {"delta": "xxxx"}
+        t0 = time.monotonic()
+        while hub.cancelled == 0 and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert hub.cancelled == 1, "the iteration went on"
+        assert len(hub.calls) == 1 and time.monotonic() - t0 < 5
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
