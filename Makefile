@@ -1,5 +1,5 @@
 # Two entry points on a fresh machine with only Python 3:
-#   make demo   the whole pipeline on the demo world (creates .venv on first use)
+#   make demo   the whole lifecycle on the demo world, with a report (creates .venv on first use)
 #   make test   the test suite (creates .venv on first use)
 PY ?= python3
 VENV := .venv
@@ -25,7 +25,7 @@ browser:
 	  echo "chromium is not installed: the browser tests will be skipped"
 
 demo: $(STAMP)
-	$(BIN)/tristage demo --out runs/demo
+	$(BIN)/tristage pipeline --preset demo --out runs/demo
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .

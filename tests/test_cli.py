@@ -166,6 +166,8 @@ BAD_FLAGS = [
     ("demo --pretrain-steps 0", "--pretrain-steps"),
     ("demo --label-samples 1", "--label-samples"),
     ("demo --dpo-label-smoothing 0.5", "--dpo-label-smoothing"),
+    ("pipeline --preset nope --out r", "--preset must be one of"),
+    ("report r --examples 0", "--examples must be >= 1"),
     ("world generate --out o --val-frac 2", "--val-frac"),
     ("world generate --out o --n-sft -1", "--n-sft"),
     ("pretrain --lr fast", "--lr: invalid float value: 'fast'"),  # argparse's own error, on one line
