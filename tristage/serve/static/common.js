@@ -93,7 +93,7 @@ function renderBoard(container, board) {
     return;
   }
   const head = el("tr", {}, ...["rank", "model", "rating", "95% interval", "battles", "W / L / T"].map(
-    h => el("th", {text: h})));
+    h => el("th", {class: h === "model" ? "" : "num", text: h})));
   const body = board.rows.map(r => el("tr", {},
     el("td", {class: "num", text: String(r.rank)}), el("td", {class: "model", text: r.model}),
     el("td", {class: "num rating", text: bound(r.rating, "?")}),
