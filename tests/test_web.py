@@ -288,3 +288,9 @@ def test_a_client_that_leaves_mid_answer_ends_the_hubs_iteration(tmp_path):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_upload_with_a_byte_order_mark(client):
+    text = "\ufeff" + json.dumps({"prompt": "p", "answers": ["a", "b"]})
+    r = client.post("/web/annotate/parse", json={"files": [{"name": "bom.jsonl", "text": text}]})
+    assert r.status_code == 200 and len(r.json()["items"]) == 1

@@ -259,7 +259,7 @@ def parse_upload(files: list[tuple[str, str]], default: str = "default") -> tupl
     items: list[dict[str, Any]] = []
     grouped: dict[str, dict[str, Any]] = {}
     for name, text in files:
-        stem = Path(name).stem
+        stem, text = Path(name).stem, text.removeprefix("\ufeff")  # a byte-order mark the browser kept
         n = 0
         lines = text.splitlines()
         records: list[tuple[int, Any]]
