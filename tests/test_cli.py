@@ -172,6 +172,7 @@ BAD_FLAGS = [
     ("world generate --out o --n-sft -1", "--n-sft"),
     ("pretrain --lr fast", "--lr: invalid float value: 'fast'"),  # argparse's own error, on one line
     ("world score", "FILE"),  # no file: says so
+    ("export-votes votes.db", "OUT"),  # no output file: says so
 ]
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tristage.flags.export_votes import Config
 from tristage.io import UserError, check_writable, write_jsonl
 
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
@@ -278,7 +279,7 @@ def export_pairs(store: VoteStore) -> tuple[list[dict[str, Any]], dict[str, int]
     return pairs, n
 
 
-def export_main(cfg: Any) -> dict[str, int]:
+def export_main(cfg: Config) -> dict[str, int]:
     """`tristage export-votes DB OUT.jsonl` (tristage/flags/export_votes.py)."""
     check_writable(cfg.out, flag="OUT")
     store = VoteStore(cfg.db, create=False)
