@@ -172,6 +172,7 @@ def test_export_errors_name_the_file(tmp_path, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.slow  # ~15 s on 2 idle cores: 100 reward-model steps
 def test_reward_model_trains_on_an_export(tiny_shards, tmp_path):
     """Votes and annotations whose better answer is the animal's true sound, exported, train a reward model that
     tells the true sound from a wrong one on held-out pairs, with an attribute head per rated attribute."""
