@@ -48,10 +48,10 @@ stages:
   label: {{model: "{{dpo}}/model", prompts: "{{world}}/eval/prompts.jsonl", judge: world, num_samples: 2, limit: 3,
           max_new_tokens: 8}}
   ppo: {{model: "{{sft}}/model", reward: "{{reward}}/model", prompts: ["{{world}}/eval/prompts.jsonl"],
-        val_prompts: ["{{eval_prompts}}"], gold: gold, batch_size: 2, max_steps: 2, max_new_tokens: 8,
+        val_prompts: ["{{world}}/eval/prompts.jsonl"], gold: gold, batch_size: 2, max_steps: 2, max_new_tokens: 8,
         ppo_epochs: 1, eval_every: 2, eval_prompts: 2, save_every: 1}}
   grpo: {{model: "{{sft}}/model", reward: gold, prompts: ["{{world}}/eval/prompts.jsonl"],
-         val_prompts: ["{{eval_prompts}}"], batch_size: 1, num_samples: 2, max_steps: 2, max_new_tokens: 8,
+         val_prompts: ["{{world}}/eval/prompts.jsonl"], batch_size: 1, num_samples: 2, max_steps: 2, max_new_tokens: 8,
          eval_every: 0, save_every: 1}}
   eval: {{models: ["sft={{sft}}/model", "dpo={{dpo}}/model", "ppo={{ppo}}/model"], prompts: "{{eval_prompts}}",
          limit: 4, max_new_tokens: 8, reward_models: ["reward={{reward}}/model"],
@@ -152,7 +152,7 @@ def test_a_changed_input_reruns_its_stage_and_what_reads_from_it(run, tmp_path, 
     (tmp_path / "p.yaml").write_text(spec)
     assert pipeline(tmp_path / "p.yaml", "--out", moved, "--no-report") == 0
     plan = _plan(capsys)
-    assert {k for k, v in plan.items() if v == "run"} == {"ppo", "grpo", "eval", "arena"}
+    assert {k for k, v in plan.items() if v == "run"} == {"eval", "arena"}
     old = json.loads((run / "eval" / "answers" / "sft.jsonl").read_text().splitlines()[1])
     new = json.loads((moved / "eval" / "answers" / "sft.jsonl").read_text().splitlines()[1])
     assert old["prompt"] != new["prompt"]
@@ -198,7 +198,8 @@ BAD = [
     ("stages: {x: {command: chat}}", "stage x: command 'chat' is not a pipeline stage"),
     ("stages: {sft: [1]}", "stage sft: expected a mapping"),
     ("stagez: {}", "unknown key 'stagez'"),
-    ("vars: {data: null}\nstages: {sft: {model: m, data: ['{data}']}}", "vars data not set: give them with --set data"),
+    ("vars: {data: null}\nstages: {sft: {model: m, data: ['{data}']}}",
+     "vars data not set: give them with --set data=..."),
     ("defaults: {lrr: 1}\nstages: {sft: {model: m}}", "defaults: 'lrr' is no stage command's key"),
     ("stages: {sft: {model: m, data: [d.jsonl]}}\n  bad: [", "not valid YAML"),
 ]
@@ -240,13 +241,37 @@ def test_the_demo_preset_is_what_make_demo_and_tristage_demo_run(tmp_path, capsy
     assert load_spec(preset_path("demo"))["stages"]["base"]["max_steps"] == 400
 
 
-def test_the_text_preset_on_shared_data(tmp_path, capsys):
-    text = shared_data("pretrain/tinyshakespeare.txt")
-    chats = shared_data("sft/alpaca_libre_ok.jsonl")
-    pairs = shared_data("preference/hh_rlhf_helpful_base_test.jsonl.gz")
-    assert pipeline("--preset", "text", "--out", tmp_path / "t", "--dry-run", "--set", f"text={text}",
-                    "--set", f"chats={chats}", "--set", f"pairs={pairs}", "--set", f"prompts={pairs}") == 0
-    assert set(_plan(capsys).values()) == {"run"}
+def test_the_text_preset_runs_on_shared_data(tmp_path, capsys):
+    """Every stage of the text preset on the first records of real files (plain text, Alpaca records, Anthropic HH
+    pairs; prompts: the Alpaca instructions), at toy size."""
+    import gzip
+
+    text = shared_data("pretrain/tinyshakespeare.txt").read_text()[:20000]
+    chats = shared_data("sft/alpaca_libre_ok.jsonl").read_text().splitlines()[:40]
+    with gzip.open(shared_data("preference/hh_rlhf_helpful_base_test.jsonl.gz"), "rt") as fh:
+        pairs = [next(fh) for _ in range(30)]
+    (tmp_path / "text.txt").write_text(text)
+    (tmp_path / "chats.jsonl").write_text("\n".join(chats) + "\n")
+    with gzip.open(tmp_path / "pairs.jsonl.gz", "wt") as fh:
+        fh.write("".join(pairs))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": json.loads(c)["instruction"]} for c in chats[:8]])
+    files = [f"text={tmp_path / 'text.txt'}", f"chats={tmp_path / 'chats.jsonl'}",
+             f"pairs={tmp_path / 'pairs.jsonl.gz'}", f"prompts={tmp_path / 'prompts.jsonl'}"]
+    toy = ["tokenizer.vocab_size=300", "shards.val_fraction=0.2", "base.depth=1", "base.seq_len=128",
+           "base.batch_size=2", "base.max_steps=2", "base.eval_every=2", "base.eval_batches=1", "sft.max_len=128",
+           "sft.max_steps=2", "sft.tokens_per_batch=512", "reward.max_len=128", "reward.max_steps=2",
+           "reward.batch_size=2", "dpo.max_len=128", "dpo.max_steps=2", "dpo.batch_size=2", "ppo.max_new_tokens=8",
+           "ppo.batch_size=2", "ppo.max_steps=1", "ppo.eval_every=0", "ppo.ppo_epochs=1", "rloo.max_new_tokens=8",
+           "rloo.batch_size=1", "rloo.num_samples=2", "rloo.max_steps=1", "rloo.eval_every=0", "eval.limit=2",
+           "eval.max_new_tokens=8", "arena.limit=2", "arena.max_new_tokens=8", "arena.bootstrap=10",
+           "defaults.dtype=float32", "defaults.device=cpu"]
+    assert cli.main(["pipeline", "--preset", "text", "--out", str(tmp_path / "t"), "--no-progress", "--set",
+                     *files, *toy]) == 0
+    results = json.loads((tmp_path / "t" / "eval" / "results.json").read_text())
+    assert list(results["models"]) == ["base", "sft", "dpo", "ppo", "rloo"] and results["scorer"].startswith("rm:")
+    assert (tmp_path / "t" / "report.html").is_file()
+    capsys.readouterr()
+    # the files are required: named, with the flag that gives them
     assert cli.main(["pipeline", "--preset", "text", "--out", str(tmp_path / "t")]) == 2
     assert "--set text=" in capsys.readouterr().err
 
@@ -263,6 +288,5 @@ def test_the_gpu_preset_parses(tmp_path, capsys, tiny_shards):
     write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "hello", "rejected": "go"}])
     sets = [f"model={tmp_path / 'qwen'}", f"chats={tmp_path / 'chats.jsonl'}", f"pairs={tmp_path / 'pairs.jsonl'}",
             f"prompts={tmp_path / 'pairs.jsonl'}", "device=cpu"]
-    assert pipeline("--preset", "gpu-0.5b", "--out", tmp_path / "g", "--dry-run",
-                    *[x for s in sets for x in ("--set", s)]) == 0
+    assert pipeline("--preset", "gpu-0.5b", "--out", tmp_path / "g", "--dry-run", "--set", *sets) == 0
     assert list(_plan(capsys)) == ["base", "sft", "reward", "dpo", "ppo", "eval"]

@@ -3,8 +3,8 @@ reward model, DPO, AI feedback, PPO, GRPO, evaluation and the arena, skipping wh
 
     tristage pipeline my.yaml --out runs/mine
     tristage pipeline --preset demo --out runs/demo              # what `make demo` runs
-    tristage pipeline --preset text --out runs/text --set text=corpus.txt --set chats=chats.jsonl \\
-        --set pairs=pairs.jsonl --set prompts=prompts.jsonl      # every stage on your own files
+    tristage pipeline --preset text --out runs/text --set text=corpus.txt chats=chats.jsonl \\
+        pairs=pairs.jsonl prompts=prompts.jsonl      # every stage on your own files
     tristage pipeline my.yaml --out runs/mine --dry-run          # what would run, resume or be skipped, and why
     tristage report runs/mine                                    # the report again, from the folder alone
 
@@ -151,7 +151,8 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def apply_sets(spec: dict[str, Any], sets: list[str], where: str) -> None:
-    """--set NAME=VALUE (a var) and --set STAGE.KEY=VALUE (a stage's setting), VALUE read as YAML."""
+    """--set NAME=VALUE (a var), --set STAGE.KEY=VALUE (a stage's setting) and --set defaults.KEY=VALUE, VALUE read
+    as YAML."""
     for item in sets:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -163,7 +164,9 @@ def apply_sets(spec: dict[str, Any], sets: list[str], where: str) -> None:
         if isinstance(value, dict) and text.lstrip().startswith("{"):  # {sft} read as a one-key mapping
             value = text
         stage, dot, field = key.partition(".")
-        if dot:
+        if stage == "defaults" and dot:
+            spec["defaults"] = {**(spec.get("defaults") or {}), field: value}
+        elif dot:
             stages = spec["stages"]
             if stage not in stages:
                 raise UserError(f"--set {item}: {where} has no stage {stage!r} (stages: {', '.join(stages)})")
@@ -304,7 +307,7 @@ def _relocate(value: Any, run: Path) -> Any:
     """Paths inside the run folder written {run}/..., in strings, lists and dicts."""
     if isinstance(value, str):
         root = str(run)
-        return "{run}" + value[len(root):] if value == root or value.startswith(root + os.sep) else value
+        return "{run}" if value == root else value.replace(root + os.sep, "{run}" + os.sep)  # also in sft=RUN/...
     if isinstance(value, list):
         return [_relocate(v, run) for v in value]
     if isinstance(value, dict):
@@ -336,8 +339,8 @@ def plan(spec: dict[str, Any], run: Path, where: str) -> list[Stage]:
     variables = spec.get("vars") or {}
     unset = [k for k, v in variables.items() if v is None]
     if unset:
-        raise UserError(f"{where}: vars {', '.join(unset)} not set: give them with "
-                        + " ".join(f"--set {k}=..." for k in unset))
+        raise UserError(f"{where}: vars {', '.join(unset)} not set: give them with --set "
+                        + " ".join(f"{k}=..." for k in unset))
     stage_names = list(spec["stages"])
     clash = [k for k in variables if k in stage_names or k == "run"]
     if clash:

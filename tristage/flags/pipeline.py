@@ -41,8 +41,9 @@ class Config:
                              help="a shipped pipeline instead of FILE: demo (the demo world on a CPU) | text (your "
                                   "own files, with --set) | gpu-0.5b (an imported ~0.5B model on one GPU)")
     out: str = arg(help="the run folder: one folder per stage, pipeline.yaml, report.md / report.html")
-    set: list[str] = arg([], help="NAME=VALUE sets a var of the file; STAGE.KEY=VALUE one setting of a stage "
-                                  "(VALUE read as YAML)")
+    set: list[str] = arg([], help="NAME=VALUE sets a var of the file, STAGE.KEY=VALUE one setting of a stage, "
+                                  "defaults.KEY=VALUE a default (VALUE read as YAML); several after one --set: "
+                                  "--set text=a.txt sft.epochs=3")
     rerun: list[str] = arg([], help="run these stages again even when done (and every stage that reads from them)")
     stop_at: str | None = arg(None, check=stop_at_problem,
                               help="STAGE:STEP: checkpoint and stop after step STEP of that training stage, and stop "
