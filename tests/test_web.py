@@ -120,6 +120,11 @@ def test_a_prompt_the_hub_refuses_is_a_400_and_the_server_goes_on(tmp_path):
     assert r.status_code == 400 and "9000 tokens" in r.json()["error"]
     hub.fail = None
     assert ndjson(c.post("/web/chat", json={"model": "alpha", "messages": "short"}))[0]
+    from tristage.serve.hub import HubError
+
+    hub.fail = HubError(400, "the prompt leaves no room to answer", "messages", "context_length_exceeded")
+    r = c.post("/web/chat", json={"model": "alpha", "messages": "long"})
+    assert r.status_code == 400 and r.json() == {"error": "the prompt leaves no room to answer"}
 
 
 # ----------------------------------------------------------------------------- arena
