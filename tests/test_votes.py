@@ -119,12 +119,13 @@ def test_export_pairs_ties_skipped_ratings_kept(tmp_path, capsys):
     store.add_battle("m1", "m2", "tie", PROMPT, "a", "b")
     store.add_battle("m1", "m2", "tie (bothbad)", PROMPT, "a", "b")
     store.add_battle("m1", "m2", "model_a", PROMPT, "same", "same ")
+    store.add_battle("m1", "m2", "model_a", PROMPT, "woof", " ")
     ratings = [{"helpfulness": 5, "honesty": 5}, {"helpfulness": 1, "honesty": 2}, {"helpfulness": 3, "honesty": 3}]
     two_turns = PROMPT + [{"role": "assistant", "content": "woof"}, {"role": "user", "content": "and the cat?"}]
     store.add_annotation(two_turns, [{"text": "meow", "model": "m1"}, {"text": "moo"}, {"text": "hoot"}], 0, ATTRS,
                          ratings, "the cat says meow")
     pairs, n = export_pairs(store)
-    assert n == {"arena": 2, "annotation": 2, "ties": 2, "same_text": 1}
+    assert n == {"arena": 2, "annotation": 2, "ties": 2, "same_text": 1, "blank": 1}
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
         ("woof", "moo"), ("the dog says woof", "quack"), ("meow", "moo"), ("meow", "hoot")]
     assert pairs[0]["prompt"] == "what does the dog say?" and pairs[0]["models"] == {"chosen": "m1", "rejected": "m2"}
@@ -137,7 +138,7 @@ def test_export_pairs_ties_skipped_ratings_kept(tmp_path, capsys):
     assert cli(["export-votes", str(tmp_path / "v.db"), str(out)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "wrote 4 pairs" in line and "2 from arena votes, 2 from annotations" in line
-    assert "skipped 2 ties" in line and "1 pairs of identical answers" in line
+    assert "skipped 2 ties" in line and "1 pairs of identical answers" in line and "1 votes with an empty" in line
     prefs, errors = load_preferences(out)  # what `tristage reward` and `tristage dpo` read
     assert not errors and len(prefs) == 4
     assert prefs[3].ratings == {"chosen": {"helpfulness": 5.0, "honesty": 5.0},

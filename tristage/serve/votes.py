@@ -23,7 +23,8 @@ Choices, and why:
   says nothing about which is better and is skipped (counted in the summary line). An annotation gives one pair per
   other answer, the best answer chosen against each, with both answers' ratings ({"chosen": {...}, "rejected":
   {...}}, the preference format's per-attribute ratings) and the reason as the rationale. Two answers that are the
-  same text teach nothing (the preference reader refuses them): skipped and counted. Extra keys (source, models,
+  same text teach nothing, and an empty answer (a model that ended its turn at once) cannot be a reply of a pair:
+  the preference reader refuses both, so they are skipped and counted. Extra keys (source, models,
   id) land in the pair's `meta` when read back. A database with no pair to export is an error, not an empty file.
 - Torch-free: `tristage export-votes` starts in a fraction of a second.
 """
@@ -248,13 +249,16 @@ def export_pairs(store: VoteStore) -> tuple[list[dict[str, Any]], dict[str, int]
     """(preference records, counts): arena votes for A or B and annotations (best against each other answer) as
     {prompt, chosen, rejected, [ratings, rationale], source, models, id}; counts of what was written and skipped."""
     pairs: list[dict[str, Any]] = []
-    n = {"arena": 0, "annotation": 0, "ties": 0, "same_text": 0}
+    n = {"arena": 0, "annotation": 0, "ties": 0, "same_text": 0, "blank": 0}
     for b in store.battles():
         if b.winner not in ("model_a", "model_b"):
             n["ties"] += 1
             continue
         (cm, ca), (rm, ra) = (((b.model_a, b.answer_a), (b.model_b, b.answer_b)) if b.winner == "model_a"
                               else ((b.model_b, b.answer_b), (b.model_a, b.answer_a)))
+        if not ca.strip() or not ra.strip():  # a model that said nothing: the preference format needs two replies
+            n["blank"] += 1
+            continue
         if ca.strip() == ra.strip():
             n["same_text"] += 1
             continue
@@ -284,7 +288,8 @@ def export_main(cfg: Config) -> dict[str, int]:
     check_writable(cfg.out, flag="OUT")
     store = VoteStore(cfg.db, create=False)
     pairs, n = export_pairs(store)
-    skipped = f"skipped {n['ties']} ties / both-bad votes and {n['same_text']} pairs of identical answers"
+    skipped = (f"skipped {n['ties']} ties / both-bad votes, {n['same_text']} pairs of identical answers and "
+               f"{n['blank']} votes with an empty answer")
     if not pairs:
         raise UserError(f"{cfg.db}: no preference pair to export (no arena vote for A or B, no annotation; {skipped})")
     write_jsonl(cfg.out, pairs)
