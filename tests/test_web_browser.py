@@ -225,7 +225,7 @@ def test_annotations_appear_in_the_export(served, page, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     ours = [r for r in rows if r["source"] == "annotation"]
     assert [(r["prompt"], r["chosen"], r["rejected"], r["rationale"]) for r in ours[-2:]] == [
-        ("write a short story about a duck.", answers[1], answers[0], "the second one tells a story"),
+        ("write a short story about a duck.", answers[1].strip(), answers[0].strip(), "the second one tells a story"),
         ("Tell me a story about Tom.", "Tom went to the lake.", "Tom sat on the cactus.", "sitting on a cactus hurts")]
     assert set(ours[-2]["ratings"]["chosen"]) == set(default) and set(ours[-1]["ratings"]["chosen"]) == set(ATTRIBUTES)
     assert ours[-1]["ratings"]["chosen"]["instruction_following"] == 5  # (0 + 0) % 3 -> 5

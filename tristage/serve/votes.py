@@ -24,7 +24,8 @@ Choices, and why:
   other answer, the best answer chosen against each, with both answers' ratings ({"chosen": {...}, "rejected":
   {...}}, the preference format's per-attribute ratings) and the reason as the rationale. Two answers that are the
   same text teach nothing, and an empty answer (a model that ended its turn at once) cannot be a reply of a pair:
-  the preference reader refuses both, so they are skipped and counted. Extra keys (source, models,
+  the preference reader refuses both, so they are skipped and counted. Answers are written stripped of surrounding
+  white space, as `tristage arena` keeps them. Extra keys (source, models,
   id) land in the pair's `meta` when read back. A database with no pair to export is an error, not an empty file.
 - Torch-free: `tristage export-votes` starts in a fraction of a second.
 """
@@ -256,10 +257,11 @@ def export_pairs(store: VoteStore) -> tuple[list[dict[str, Any]], dict[str, int]
             continue
         (cm, ca), (rm, ra) = (((b.model_a, b.answer_a), (b.model_b, b.answer_b)) if b.winner == "model_a"
                               else ((b.model_b, b.answer_b), (b.model_a, b.answer_a)))
-        if not ca.strip() or not ra.strip():  # a model that said nothing: the preference format needs two replies
+        ca, ra = ca.strip(), ra.strip()  # as `tristage arena` keeps answers
+        if not ca or not ra:  # a model that said nothing: the preference format needs two replies
             n["blank"] += 1
             continue
-        if ca.strip() == ra.strip():
+        if ca == ra:
             n["same_text"] += 1
             continue
         pairs.append({"prompt": _prompt_out(b.prompt), "chosen": ca, "rejected": ra, "source": "arena",
@@ -273,7 +275,7 @@ def export_pairs(store: VoteStore) -> tuple[list[dict[str, Any]], dict[str, int]
             if best["text"].strip() == other["text"].strip():
                 n["same_text"] += 1
                 continue
-            rec = {"prompt": _prompt_out(a.prompt), "chosen": best["text"], "rejected": other["text"],
+            rec = {"prompt": _prompt_out(a.prompt), "chosen": best["text"].strip(), "rejected": other["text"].strip(),
                    "ratings": {"chosen": a.ratings[a.best], "rejected": a.ratings[j]}, "rationale": a.rationale,
                    "source": "annotation", "id": f"annotation-{a.id}"}
             if best.get("model") or other.get("model"):
