@@ -110,6 +110,9 @@ def test_chat_refuses_bad_requests(client, body, status, match):
 
 def test_chat_body_must_be_a_json_object(client):
     assert client.post("/web/chat", content=b"{not json").status_code == 400
+    assert "nested too deeply" in client.post("/web/chat", content=b"[" * 100_000).json()["error"]
+    assert "surrogate" in client.post("/web/chat", content=b'{"messages": "\\ud800"}').json()["error"]
+    assert "UTF-8" in client.post("/web/chat", content=b'{"messages": "\xff"}').json()["error"]
     assert client.post("/web/chat", json=[1, 2]).json()["error"] == "the body must be a JSON object"
 
 
