@@ -181,7 +181,8 @@ class VoteStore:
                        attributes: Sequence[str], ratings: Sequence[dict[str, int]], rationale: str) -> int:
         """Store one annotation (checked by `check_annotation`); returns its id."""
         check_annotation(answers, best, attributes, ratings, rationale)
-        answers = [{"text": a["text"], "model": a.get("model")} for a in answers]
+        answers = [{"text": a["text"], "model": a.get("model") if isinstance(a.get("model"), str) else None}
+                   for a in answers]
         return self._insert("INSERT INTO annotations (time, prompt, answers, best, attributes, ratings, rationale) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (time.time(), json.dumps(prompt), json.dumps(answers), best, json.dumps(list(attributes)),
