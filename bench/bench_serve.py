@@ -1,0 +1,303 @@
+"""Serving under load: `tristage serve` against `transformers serve --continuous-batching` on the same model folder,
+the same requests, in the same run.
+
+    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 4] [--no-write]
+
+The model: a random Llama (vocab 4096 byte-level BPE trained on this repository's text, hidden 256, 6 layers, 8
+heads, 4 KV heads, intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder; both
+servers load that folder. Its special (end-of-turn too) and non-ASCII byte tokens get logit 0 (below every greedy pick), so every
+greedy answer runs to exactly max_tokens and is ASCII (both servers stream whole characters; the token counts are
+then the same on both sides and checked).
+The requests: chat completions, streaming, greedy, a user message of 8-64 random words, max_tokens 32-128, drawn
+once with a seed and sent in the same order to both servers by N concurrent clients (each sends its next request
+when the last one ends), N = 1, 4, 16, N * --requests-per-client requests per level.
+Reported per server and level: time to first token (TTFT) and time per output token after the first (TPOT) as
+p50 / p90 / p99 over requests, inter-token gaps p99, total output tokens per second (all tokens / wall time), and
+errors (HTTP errors, broken streams, answers whose token count is not max_tokens). One server runs at a time, after
+an untimed warm-up; the client is a minimal asyncio HTTP/1.1 reader, so its own CPU cost stays small (it is
+reported, with the CPU time other processes took during the run: the machine has 2 shared cores).
+Writes the "## Serving" section of bench/RESULTS.md (unless --no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchlib import busy_seconds, own_seconds, wait_quiet, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = ROOT / ".venv" / "bin"
+WORDS = ("the a dog cat sat on mat porch river stone light house tree small big red blue quick slow over under "
+         "story about when then because model train data token answer question people city night day").split()
+
+
+# ----------------------------------------------------------------------------- the model
+def build_model(out: Path) -> Path:
+    import torch
+
+    from tristage.model.gpt import ModelConfig, build_model
+    from tristage.model.hf import save_model
+    from tristage.tokenizer import train_bpe
+
+    texts = [str(p) for p in sorted(ROOT.glob("tristage/**/*.py")) + sorted(ROOT.glob("*.md"))]
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(Path(p).read_text(encoding="utf-8", errors="ignore") for p in texts))
+    tok = train_bpe([str(corpus)], vocab_size=4096)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=4, intermediate_size=768, max_position_embeddings=1024,
+                      tie_word_embeddings=False, initializer_range=0.2)
+    model = build_model(cfg, seed=0)
+    bad = [i for i in range(tok.vocab_size) if not tok.decode([i]).isascii() or "\ufffd" in tok.decode([i])]
+    specials = [tok.token_to_id(t) for t in tok.special_tokens]
+    with torch.no_grad():
+        model.lm_head.weight[sorted(set(bad + specials + tok.stop_ids))] = 0
+    save_model(model, out / "model", tok)
+    return out / "model"
+
+
+# ----------------------------------------------------------------------------- the client
+@dataclass
+class Result:
+    ttft: float = 0.0
+    times: list[float] = field(default_factory=list)  # arrival time of each token
+    tokens: int = 0
+    error: str | None = None
+
+
+async def stream_chat(port: int, body: dict, res: Result) -> None:
+    """POST one streaming request and time each `data:` event that carries content (a minimal HTTP/1.1 client:
+    chunked or not, it only needs the SSE lines). The stream must end with a finish_reason (or `data: [DONE]`, which
+    transformers serve does not send) and hold max_tokens tokens."""
+    t0 = time.perf_counter()
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\nConnection: close\r\n\r\n" + payload)
+        await writer.drain()
+        status = (await reader.readline()).split(b" ")[1]
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        if status != b"200":
+            res.error = f"HTTP {status.decode()}: {(await reader.read(300)).decode(errors='replace')}"
+            return
+        done = False
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue  # chunk-size lines and blank separators
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            event = json.loads(data)
+            if "error" in event:
+                res.error = str(event["error"])[:200]
+                return
+            for c in event.get("choices", []):
+                done = done or c.get("finish_reason") is not None  # transformers serve sends no [DONE]
+                if (c.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    if not res.times:
+                        res.ttft = now - t0
+                    res.times.append(now)
+                    res.tokens += 1
+        if not done:
+            res.error = "stream ended without a finish_reason or [DONE]"
+        elif res.tokens != body["max_tokens"]:
+            res.error = f"{res.tokens} tokens, expected {body['max_tokens']}"
+    except (OSError, ValueError, IndexError) as e:
+        res.error = f"{type(e).__name__}: {e}"
+    finally:
+        writer.close()
+
+
+async def load(port: int, model: str, reqs: list[tuple[str, int]], clients: int) -> tuple[list[Result], float]:
+    """`clients` workers send the requests in order, each one at a time: -> results and wall time."""
+    results = [Result() for _ in reqs]
+    todo = iter(range(len(reqs)))
+
+    async def worker() -> None:
+        for i in todo:
+            text, max_tokens = reqs[i]
+            body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True}
+            await stream_chat(port, body, results[i])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return results, time.perf_counter() - t0
+
+
+def requests(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 64))), rng.randint(32, 128)) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- the servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU-seconds of a process and its threads (children are not counted: the servers are one process)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError):
+        return 0.0
+
+
+def start(kind: str, folder: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+    if kind == "tristage":
+        cmd = [str(PY / "tristage"), "serve", f"bench={folder}", "--port", str(port), "--log-level", "warning"]
+        name = "bench"
+    else:
+        cmd = [str(PY / "transformers"), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+               "--port", str(port), "--host", "127.0.0.1", str(folder)]
+        name = str(folder)
+    p = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(600):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return p, name
+        except OSError:
+            if p.poll() is not None:
+                raise SystemExit(f"{kind} server exited: see {log}") from None
+            time.sleep(0.5)
+    raise SystemExit(f"{kind} server did not start: see {log}")
+
+
+def stop(p: subprocess.Popen) -> None:
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.error is None]
+    tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in ok if len(r.times) > 1]
+    gaps = [b - a for r in ok for a, b in zip(r.times, r.times[1:])]
+    return {"requests": len(results), "errors": len(results) - len(ok),
+            "first_error": next((r.error for r in results if r.error), None),
+            "tokens": sum(r.tokens for r in results), "tok_s": sum(r.tokens for r in results) / wall, "wall": wall,
+            **{f"ttft_p{q}": pct([r.ttft for r in ok], q) for q in (50, 90, 99)},
+            **{f"tpot_p{q}": pct(tpot, q) for q in (50, 90, 99)}, "gap_p99": pct(gaps, 99)}
+
+
+def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp: Path) -> dict:
+    port = free_port()
+    p, name = start(kind, folder, port, tmp / f"{kind}.log")
+    out = {}
+    try:
+        warm, _ = asyncio.run(load(port, name, requests(4, seed=99), 4))  # untimed: first-request costs
+        if any(r.error for r in warm):
+            print(f"  {kind} warm-up errors: {[r.error for r in warm if r.error][:2]}", flush=True)
+        for n in levels:
+            reqs = requests(n * per_client, seed=n)
+            b0, s0, c0 = busy_seconds(), proc_cpu(p.pid), own_seconds()
+            results, wall = asyncio.run(load(port, name, reqs, n))
+            server_cpu, client_cpu = proc_cpu(p.pid) - s0, own_seconds() - c0
+            others = busy_seconds() - b0 - server_cpu - client_cpu
+            s = summarize(results, wall)
+            s.update(server_cpu=server_cpu / wall, client_cpu=client_cpu / wall, others_cpu=max(0.0, others) / wall)
+            out[n] = s
+            print(f"  {kind:12s} clients {n:3d}: {s['tok_s']:7.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:7.1f} ms, "
+                  f"TPOT p50 {s['tpot_p50'] * 1e3:6.1f} ms, errors {s['errors']} "
+                  f"(server {s['server_cpu']:.2f} / client {s['client_cpu']:.2f} / others {s['others_cpu']:.2f} "
+                  f"cores)" + (f" first error: {s['first_error']}" if s["errors"] else ""), flush=True)
+    finally:
+        stop(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
+    top = max(args.clients)
+    ratio = res["tristage"][top]["tok_s"] / res["transformers"][top]["tok_s"]
+    errs = sum(s["errors"] for k in res for s in res[k].values())
+    import torch
+    import transformers
+
+    lines = [f"**{ratio:.2f}x the output tokens/s of `transformers serve --continuous-batching` at {top} concurrent "
+             f"streaming clients** ({res['tristage'][top]['tok_s']:.0f} vs "
+             f"{res['transformers'][top]['tok_s']:.0f} tok/s), {errs} errors in all; same model folder, same "
+             "requests, same run.", "",
+             "```", f".venv/bin/python bench/bench_serve.py --clients {' '.join(map(str, args.clients))} "
+             f"--requests-per-client {args.requests_per_client}", "```", "",
+             "Settings: a random Llama (byte-level BPE vocab 4096, hidden 256, 6 layers, 8 heads / 4 KV heads, "
+             "intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder, loaded by "
+             "both servers; its special (end-of-turn too) and non-ASCII tokens have logit 0, so every greedy answer runs to "
+             "max_tokens (the token counts are checked). Streaming chat completions, greedy, user messages of 8-64 "
+             "words, max_tokens 32-128, the same requests in the same order to both; N clients each send their "
+             f"next request when the last ends, {args.requests_per_client} requests per client. `tristage serve "
+             "bench=MODEL` (defaults: --max-batch 32, fp32, CPU) and `transformers serve --continuous-batching "
+             f"--device cpu --dtype float32 MODEL` (transformers {transformers.__version__}, its defaults otherwise); "
+             "one server at a time, each after 4 untimed warm-up requests. TTFT: request sent to first token; "
+             "TPOT: time per output token after the first (p50 / p90 / p99 over requests); gap p99: the 99th "
+             "percentile of the gaps between consecutive tokens of a stream.", "",
+             f"Machine: 2 vCPU shared with other jobs, torch {torch.__version__}, no GPU; share of both cores "
+             f"busy just before the run: {load_before:.0%}. The cores columns are CPU-seconds per second of the "
+             "run: the server, this bench's client, and every other process on the machine (other jobs).", "",
+             "| server | clients | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | gap p99 (ms) | "
+             "errors | cores: server / client / others |",
+             "|---|---:|---:|---|---|---:|---:|---|"]
+    for kind in ("tristage", "transformers"):
+        for n, s in res[kind].items():
+            lines.append(f"| {kind} | {n} | {s['tok_s']:.1f} | {s['ttft_p50'] * 1e3:.0f} / {s['ttft_p90'] * 1e3:.0f}"
+                         f" / {s['ttft_p99'] * 1e3:.0f} | {s['tpot_p50'] * 1e3:.1f} / {s['tpot_p90'] * 1e3:.1f} / "
+                         f"{s['tpot_p99'] * 1e3:.1f} | {s['gap_p99'] * 1e3:.1f} | {s['errors']} | "
+                         f"{s['server_cpu']:.2f} / {s['client_cpu']:.2f} / {s['others_cpu']:.2f} |")
+    lines += ["", "Ratio of output tokens/s (tristage / transformers) per level: " + ", ".join(
+        f"{n} clients {res['tristage'][n]['tok_s'] / res['transformers'][n]['tok_s']:.2f}x" for n in args.clients)
+        + "."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--servers", nargs="+", default=["tristage", "transformers"])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    folder = build_model(tmp)
+    print(f"model folder {folder}; waiting for quiet CPUs", flush=True)
+    load_before = wait_quiet(60)
+    res = {kind: run_server(kind, folder, args.clients, args.requests_per_client, tmp) for kind in args.servers}
+    if not args.no_write and set(res) == {"tristage", "transformers"}:
+        write_section("Serving", report(res, args, load_before))
+        print("wrote the Serving section of bench/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
