@@ -227,6 +227,29 @@ def test_bad_text_completions_and_the_server_stays_up(server, client):
     assert chat(client, max_tokens=2).usage.completion_tokens == 2  # still serving
 
 
+def test_an_engine_failure_fails_its_requests_only(server, client, monkeypatch):
+    url, hub = server
+    batch = hub.batchers["b"].batch
+    real, fail = batch.step, [True, True]
+
+    def step():
+        if fail:
+            fail.pop()
+            raise RuntimeError("boom")
+        return real()
+
+    monkeypatch.setattr(batch, "step", step)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="b", messages=HI, max_tokens=5)
+    assert e.value.body["type"] == "server_error"
+    body = {"model": "b", "messages": HI, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        events = [line for line in resp.iter_lines() if line]
+    assert resp.status_code == 200 and json.loads(events[-1][6:])["error"]["type"] == "server_error"
+    assert client.chat.completions.create(model="b", messages=HI, max_tokens=5).usage.completion_tokens == 5
+
+
 # ----------------------------------------------------------------------------- continuous batching
 def test_concurrent_requests_equal_each_alone(server, client, alone):
     """Requests of different lengths and max_tokens, sent at different times, each equal to itself alone."""

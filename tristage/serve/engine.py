@@ -37,7 +37,13 @@ Choices, and why (figures: bench/RESULTS.md, tiny 1M Llama on 2 CPU cores, where
 - The loop reads as its parts, in order: `_prefill` (prompts -> a `Batch` and the first logits), `Batch.sample`
   (one token per row), `Batch.stop` (rows that hit a stop token finish), `Batch.compact` (finished rows leave),
   `_decode_step` (one token through the model). `Batch` holds everything one call's rows need (cache, positions,
-  key validity, generated tokens, finished flags), so a server batching requests continuously reuses the parts.
+  key validity, generated tokens, finished flags).
+- The server's requests come and go while others decode: `ContinuousBatch` (below) gives each request a cache row
+  with its own slots from 0 and its own position ids (`RowKVCache` writes row r's key at slot lens[r]), so a row's
+  keys never move when others join or leave, and a row equals the request alone (tested). It reuses the prefill
+  mask, the sampler's exponential race (per row: each request its own temperature, top-k, top-p and generator)
+  and the raw-logit log-probs; `generate` keeps its one-fill-pointer cache, the fastest for a batch that starts
+  together (RL rollouts, arena answers: bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -393,6 +393,19 @@ class _Reply:
         if self.kind == "chat":
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(self.body.n)])
+        try:
+            async with aclosing(self._chunks(chunk)) as chunks:
+                async for c in chunks:
+                    yield c
+        except Exception as e:  # after the 200 has gone out: the error as the stream's last event
+            log.exception("internal error in a stream")
+            yield f"data: {json.dumps(error_body(f'internal server error ({type(e).__name__})', 'server_error'))}\n\n"
+            return
+        if with_usage:
+            yield chunk([], usage=self.usage())
+        yield "data: [DONE]\n\n"
+
+    async def _chunks(self, chunk) -> AsyncIterator[str]:
         async with aclosing(self.pieces) as pieces:  # type: ignore[type-var]
             async for p in pieces:
                 self.completion_tokens += p.completion_tokens
@@ -405,9 +418,6 @@ class _Reply:
                 else:
                     yield chunk([{"index": p.index, "text": p.text, "logprobs": self._logprobs(p),
                                   "finish_reason": p.finish_reason}])
-        if with_usage:
-            yield chunk([], usage=self.usage())
-        yield "data: [DONE]\n\n"
 
 
 async def _respond(reply: _Reply, request: Request):
