@@ -182,6 +182,18 @@ def test_the_api_key_guards_v1_only(server):
     assert httpx.get(url + "/", headers={}).status_code != 401  # the web pages are not behind the key
 
 
+def test_with_a_db_the_pages_are_served_without_the_key(server, tmp_path):
+    pytest.importorskip("tristage.serve.web")
+    app = create_app(server[1], api_key=KEY, db=str(tmp_path / "votes.sqlite"))
+    assert app.state.hub is server[1]
+
+    async def get(path: str) -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.get(path)).status_code
+
+    assert asyncio.run(get("/")) == 200 and asyncio.run(get("/v1/models")) == 401
+
+
 BAD = [  # (body or raw bytes, status, param)
     (b"{not json", 400, None),
     ({"model": "nope", "messages": HI}, 404, "model"),
