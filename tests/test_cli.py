@@ -173,6 +173,9 @@ BAD_FLAGS = [
     ("pretrain --lr fast", "--lr: invalid float value: 'fast'"),  # argparse's own error, on one line
     ("world score", "FILE"),  # no file: says so
     ("export-votes votes.db", "OUT"),  # no output file: says so
+    ("serve m --port 0", "--port must be in [1, 65535] (got 0)"),
+    ("serve m --max-batch 0", "--max-batch must be >= 1"),
+    ("serve m --log-level loud", "--log-level"),
 ]
 
 

@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
+from tristage.flags.serve import Config
 from tristage.serve.hub import Hub, HubError, Piece
 
 log = logging.getLogger(__name__)
@@ -435,7 +436,7 @@ async def _respond(reply: _Reply, request: Request):
 
 
 # ----------------------------------------------------------------------------- the command
-def main(cfg) -> int:
+def main(cfg: Config) -> int:
     """`tristage serve`: check the flags and folders, load the models, serve until interrupted."""
     import os
     import socket
