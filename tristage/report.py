@@ -172,30 +172,38 @@ def plot_rl(run: Path, name: str, path: Path) -> dict[str, Any] | None:
     point = overoptimisation_point(history)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     steps = [r["step"] for r in metrics]
-    axes[0].plot(steps, [r["reward"] for r in metrics], label="reward")
-    if any("gold" in r for r in metrics):
-        axes[0].plot(steps, [r.get("gold", math.nan) for r in metrics], label="gold")
+
+    def pair(ax, x, reward, gold, reward_err=None, gold_err=None, fmt="-"):
+        """Reward on the left axis, gold on the right one (their scales differ)."""
+        ax.errorbar(x, reward, yerr=reward_err, fmt=fmt, capsize=3, color="tab:blue")
+        ax.set_ylabel("reward", color="tab:blue")
+        if gold is not None:
+            right = ax.twinx()
+            right.errorbar(x, gold, yerr=gold_err, fmt=fmt, capsize=3, color="tab:orange")
+            right.set_ylabel("gold", color="tab:orange")
+            return right
+        return None
+
+    pair(axes[0], steps, [r["reward"] for r in metrics],
+         [r.get("gold", math.nan) for r in metrics] if any("gold" in r for r in metrics) else None)
     axes[0].set_title(f"{name}: rollouts")
     axes[0].set_xlabel("step")
-    axes[0].legend(fontsize=8)
     axes[1].plot(steps, [r["kl"] for r in metrics], color="tab:red")
     axes[1].set_title("KL(policy || reference), nats per answer")
     axes[1].set_xlabel("step")
     ax = axes[2]
     if history:
         kl = [h["eval_kl"] for h in history]
-        ax.errorbar(kl, [h["eval_reward"] for h in history], yerr=[h.get("eval_reward_stderr", 0) for h in history],
-                    fmt="o-", capsize=3, label="held-out reward")
-        if "eval_gold" in history[0]:
-            ax.errorbar(kl, [h["eval_gold"] for h in history], yerr=[h.get("eval_gold_stderr", 0) for h in history],
-                        fmt="s-", capsize=3, label="held-out gold")
-        if point is not None:
+        gold = [h["eval_gold"] for h in history] if "eval_gold" in history[0] else None
+        right = pair(ax, kl, [h["eval_reward"] for h in history], gold,
+                     [h.get("eval_reward_stderr", 0) for h in history],
+                     [h.get("eval_gold_stderr", 0) for h in history], fmt="o-")
+        if point is not None and right is not None:
             ax.axvline(point["eval_kl"], color="tab:red", linestyle=":")
-            ax.annotate(f"over-optimisation after step {int(point['step'])}", (point["eval_kl"], point["eval_gold"]),
-                        fontsize=8, color="tab:red")
+            right.annotate(f"over-optimisation after step {int(point['step'])}",
+                           (point["eval_kl"], point["eval_gold"]), fontsize=8, color="tab:red")
         ax.set_xlabel("KL(policy || reference), nats per answer")
-        ax.set_title("held-out monitor")
-        ax.legend(fontsize=8)
+        ax.set_title("held-out monitor (reward blue, gold orange)")
     else:
         ax.axis("off")
     fig.tight_layout()
