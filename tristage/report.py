@@ -146,7 +146,7 @@ def plot_losses(run: Path, stages: list[dict[str, Any]], path: Path) -> bool:
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (s, metrics) in zip(axes.flat, shown):
-        for key, style in (("loss", "-"), ("val_loss", "o--")):
+        for key, style in (("loss", ".-"), ("val_loss", "o--")):
             pts = [(r["step"], r[key]) for r in metrics if key in r]
             if pts:
                 ax.plot(*zip(*pts), style, label=key.replace("_", " "), markersize=4)
