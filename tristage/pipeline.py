@@ -531,6 +531,8 @@ def environment(seed: Any) -> dict[str, Any]:
 
 def main(cfg: Config) -> int:
     validate(cfg)
+    if (cfg.file is None) == (cfg.preset is None):
+        raise UserError("give the pipeline's YAML FILE or --preset NAME (one of them)")
     path = preset_path(cfg.preset) if cfg.preset else Path(cfg.file)  # type: ignore[arg-type]
     where = f"preset {cfg.preset}" if cfg.preset else str(path)
     spec = load_spec(path)

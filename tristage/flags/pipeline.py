@@ -52,10 +52,6 @@ class Config:
     report: bool = arg(True, help="write report.md and report.html into the run folder at the end")
     progress: bool = arg(True, help="show the stages' progress bars")
 
-    def check_flags(self) -> None:
-        if (self.file is None) == (self.preset is None):
-            raise UserError("give the pipeline's YAML FILE or --preset NAME (one of them)")
-
 
 @dataclass
 class ImportConfig:
