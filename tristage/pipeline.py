@@ -587,6 +587,10 @@ def main(cfg: Config) -> int:
         m = read_marker(s.folder) or {}
         print(f"pipeline: stage {s.name} done in {m.get('seconds', 0):.0f} s", flush=True)
     print(f"pipeline: all {len(stages)} stages done ({time.perf_counter() - t0:.0f} s this time); run folder {run}")
+    env = json.loads((run / "environment.json").read_text())
+    env.update(seconds=time.perf_counter() - t0,
+               load_average_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    write_json(run / "environment.json", env)
     if cfg.report:
         from tristage.report import write_report
 

@@ -255,7 +255,9 @@ def build(run: Path, examples: int = 3) -> list[Block]:
         ["hardware", f"{env.get('cpu', '-')}, {env.get('cpu_count', '-')} cores ({env.get('threads', '-')} torch "
                      f"threads), {env.get('memory_gb', '-')} GB"
                      + (f"; GPUs: {', '.join(env['gpus'])}" if env.get("gpus") else "; no GPU")],
-        ["load average at start", ", ".join(f"{x:.2f}" for x in env.get("load_average") or []) or "-"],
+        ["load average (1, 5, 15 min) at the start / end", " / ".join(
+            ", ".join(f"{x:.2f}" for x in env.get(k) or []) or "-" for k in ("load_average", "load_average_end"))],
+        ["wall time of the last invocation", _seconds(env.get("seconds"))],
         ["versions", f"tristage {env.get('tristage', '-')}, Python {env.get('python', '-')}, torch "
                      f"{env.get('torch', '-')}"],
         ["platform", env.get("platform", "-")], ["seed", _fmt(env.get("seed"))], ["date", env.get("date", "-")]]))
