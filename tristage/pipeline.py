@@ -571,7 +571,8 @@ def main(cfg: Config) -> int:
     atomic_write_text(run / "pipeline.yaml", yaml.safe_dump(spec, sort_keys=False))
     write_json(run / "pipeline.json", {"source": where, "stages": [{"name": s.name, "command": s.command,
                                                                      "deps": s.deps} for s in stages]})
-    write_json(run / "environment.json", environment((spec.get("defaults") or {}).get("seed", 0)))
+    if doomed or not (run / "environment.json").exists():  # the machine that ran (some of) the stages
+        write_json(run / "environment.json", environment((spec.get("defaults") or {}).get("seed", 0)))
     t0 = time.perf_counter()
     for s in stages:
         action, why = actions[s.name]
@@ -587,10 +588,11 @@ def main(cfg: Config) -> int:
         m = read_marker(s.folder) or {}
         print(f"pipeline: stage {s.name} done in {m.get('seconds', 0):.0f} s", flush=True)
     print(f"pipeline: all {len(stages)} stages done ({time.perf_counter() - t0:.0f} s this time); run folder {run}")
-    env = json.loads((run / "environment.json").read_text())
-    env.update(seconds=time.perf_counter() - t0,
-               load_average_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    write_json(run / "environment.json", env)
+    if doomed:
+        env = json.loads((run / "environment.json").read_text())
+        env.update(seconds=time.perf_counter() - t0,
+                   load_average_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+        write_json(run / "environment.json", env)
     if cfg.report:
         from tristage.report import write_report
 
