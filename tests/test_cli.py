@@ -176,6 +176,7 @@ BAD_FLAGS = [
     ("serve m --port 0", "--port must be in [1, 65535] (got 0)"),
     ("serve m --max-batch 0", "--max-batch must be >= 1"),
     ("serve m --log-level loud", "--log-level"),
+    ("serve m --threads -1", "--threads must be >= 0"),
 ]
 
 

@@ -458,6 +458,10 @@ def main(cfg: Config) -> int:
         why = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({why})") from None
     device = resolve_device(cfg.device)
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    torch.set_num_threads(cfg.threads or max(1, cpus - 1))
     hub = Hub.load(cfg.models, device=device, dtype=resolve_dtype(cfg.dtype, device), max_batch=cfg.max_batch)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("TRISTAGE_API_KEY") or None
     app = create_app(hub, api_key=api_key, db=cfg.db)
