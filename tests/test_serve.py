@@ -177,6 +177,8 @@ def test_the_api_key_guards_v1_only(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.get(url + "/v1/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 401  # the key is checked first
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(url + "/", headers={}).status_code != 401  # the web pages are not behind the key
@@ -228,7 +230,8 @@ def test_bad_requests_get_4xx_with_an_openai_error_body(server, body, status, pa
 
 def test_bad_text_completions_and_the_server_stays_up(server, client):
     for kw, param in (({"prompt": "hi", "echo": True}, "echo"), ({"prompt": "hi", "logprobs": 9}, "logprobs"),
-                      ({"prompt": [], "max_tokens": 2}, "prompt"), ({"prompt": [10 ** 9]}, "prompt")):
+                      ({"prompt": [], "max_tokens": 2}, "prompt"), ({"prompt": [10 ** 9]}, "prompt"),
+                      ({"prompt": [5] * CONTEXT}, "prompt")):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="a", **kw)
         assert e.value.body["param"] == param  # the openai client hands over the "error" object

@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -154,16 +154,9 @@ def create_app(hub: Hub, *, api_key: str | None = None, db: str | None = None) -
         log.exception("internal error")
         return _error(500, f"internal server error ({type(e).__name__})", None, "internal_error")
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HubError(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.", None,
-                           "invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    if api_key is not None:
+        app.add_middleware(KeyGuard, api_key=api_key)
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models() -> dict:
@@ -215,6 +208,25 @@ def create_app(hub: Hub, *, api_key: str | None = None, db: str | None = None) -
     if db is not None:
         _install_web(app, db)
     return app
+
+
+class KeyGuard:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY` (401 otherwise), checked before the body is read,
+    so a request without the key learns nothing else. A plain ASGI class rather than `@app.middleware("http")`,
+    whose wrapper gets between a streaming response and the connection (and the news that a client left)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                await _error(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.", None,
+                             "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _install_web(app: FastAPI, db: str) -> None:
@@ -270,9 +282,10 @@ def _complete(hub: Hub, body: _Body, ids: list[int], max_tokens: int | None, par
         return hub.complete(body.model, ids, n=body.n, max_tokens=max_tokens, temperature=body.temperature,
                             top_p=body.top_p, seed=None if body.seed is None else body.seed % (1 << 62),
                             stop=_stops(body.stop), logprobs=logprobs, top_logprobs=top_logprobs)
-    except HubError as e:  # max_tokens may be max_completion_tokens: name what the client sent
-        if e.param == "max_tokens" and param != "max_tokens":
-            raise HubError(e.status, e.message.replace("max_tokens", param), param, e.code) from None
+    except HubError as e:  # name what the client sent: max_completion_tokens, the prompt of a text completion
+        named = {"max_tokens": param, "messages": "messages" if isinstance(body, ChatBody) else "prompt"}
+        if e.param in named and named[e.param] != e.param:
+            raise HubError(e.status, e.message.replace(e.param, named[e.param]), named[e.param], e.code) from None
         raise
 
 
