@@ -209,6 +209,8 @@ BAD = [  # (body or raw bytes, status, param)
     ({"model": "a", "messages": HI, "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "a"}, 400, "messages"),
     ({"model": "a", "messages": "hi"}, 400, "messages"),
+    ({"model": "a", "messages": []}, 400, "messages"),
+    ({"model": "a", "messages": [{"content": "no role"}]}, 400, "messages.0.role"),
     ({"model": "a", "messages": HI, "presence_penalty": 1.0}, 400, "presence_penalty"),
     ({"model": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages.0.content"),
     ([1, 2], 400, None),

@@ -157,6 +157,8 @@ class Hub:
     def chat_prompt(self, name: str, messages: list[dict]) -> list[int]:
         """The prompt ids of a chat: the model's chat template with the generation prompt."""
         tok = self.model(name).tokenizer
+        if not messages:
+            raise HubError(400, "messages: at least one message is needed", "messages", "invalid_value")
         if not tok.chat_template:
             raise HubError(400, f"The model {name!r} has no chat template; use /v1/completions", "model",
                            "no_chat_template")
