@@ -1,16 +1,17 @@
 """Serving under load: `tristage serve` against `transformers serve --continuous-batching` on the same model folder,
 the same requests, in the same run.
 
-    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 4] [--no-write]
+    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 3] [--no-write]
 
 The model: a random Llama (vocab 4096 byte-level BPE trained on this repository's text, hidden 256, 6 layers, 8
 heads, 4 KV heads, intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder; both
-servers load that folder. Its special (end-of-turn too) and non-ASCII byte tokens get logit 0 (below every greedy pick), so every
-greedy answer runs to exactly max_tokens and is ASCII (both servers stream whole characters; the token counts are
-then the same on both sides and checked).
+servers load that folder. Its special (end-of-turn too) and non-ASCII byte tokens get logit 0 (below every greedy
+pick), so every greedy answer runs to exactly max_tokens and is ASCII (both servers stream whole characters; the
+token counts are then the same on both sides and checked).
 The requests: chat completions, streaming, greedy, a user message of 8-64 random words, max_tokens 32-128, drawn
 once with a seed and sent in the same order to both servers by N concurrent clients (each sends its next request
-when the last one ends), N = 1, 4, 16, N * --requests-per-client requests per level.
+when the last one ends), N = 1, 4, 16, max(6, N * --requests-per-client) requests per level. Two configurations:
+each server with its defaults, and both with OMP_NUM_THREADS=1 (one torch thread each).
 Reported per server and level: time to first token (TTFT) and time per output token after the first (TPOT) as
 p50 / p90 / p99 over requests, inter-token gaps p99, total output tokens per second (all tokens / wall time), and
 errors (HTTP errors, broken streams, answers whose token count is not max_tokens). One server runs at a time, after
@@ -164,7 +165,7 @@ def proc_cpu(pid: int) -> float:
         return 0.0
 
 
-def start(kind: str, folder: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(kind: str, folder: Path, port: int, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     if kind == "tristage":
         cmd = [str(PY / "tristage"), "serve", f"bench={folder}", "--port", str(port), "--log-level", "warning"]
         name = "bench"
@@ -172,7 +173,8 @@ def start(kind: str, folder: Path, port: int, log: Path) -> tuple[subprocess.Pop
         cmd = [str(PY / "transformers"), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
                "--port", str(port), "--host", "127.0.0.1", str(folder)]
         name = str(folder)
-    p = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, **env})
     for _ in range(600):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -211,16 +213,17 @@ def summarize(results: list[Result], wall: float) -> dict:
             **{f"tpot_p{q}": pct(tpot, q) for q in (50, 90, 99)}, "gap_p99": pct(gaps, 99)}
 
 
-def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp: Path) -> dict:
+def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp: Path, config: str) -> dict:
     port = free_port()
-    p, name = start(kind, folder, port, tmp / f"{kind}.log")
+    env = {"OMP_NUM_THREADS": "1"} if config == "one-thread" else {}
+    p, name = start(kind, folder, port, tmp / f"{kind}-{config}.log", env)
     out = {}
     try:
         warm, _ = asyncio.run(load(port, name, requests(4, seed=99), 4))  # untimed: first-request costs
         if any(r.error for r in warm):
             print(f"  {kind} warm-up errors: {[r.error for r in warm if r.error][:2]}", flush=True)
         for n in levels:
-            reqs = requests(n * per_client, seed=n)
+            reqs = requests(max(6, n * per_client), seed=n)
             b0, s0, c0 = busy_seconds(), proc_cpu(p.pid), own_seconds()
             results, wall = asyncio.run(load(port, name, reqs, n))
             server_cpu, client_cpu = proc_cpu(p.pid) - s0, own_seconds() - c0
@@ -228,8 +231,8 @@ def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp:
             s = summarize(results, wall)
             s.update(server_cpu=server_cpu / wall, client_cpu=client_cpu / wall, others_cpu=max(0.0, others) / wall)
             out[n] = s
-            print(f"  {kind:12s} clients {n:3d}: {s['tok_s']:7.1f} tok/s, TTFT p50 {s['ttft_p50'] * 1e3:7.1f} ms, "
-                  f"TPOT p50 {s['tpot_p50'] * 1e3:6.1f} ms, errors {s['errors']} "
+            print(f"  {config:10s} {kind:12s} clients {n:3d}: {s['tok_s']:7.1f} tok/s, TTFT p50 "
+                  f"{s['ttft_p50'] * 1e3:7.1f} ms, TPOT p50 {s['tpot_p50'] * 1e3:6.1f} ms, errors {s['errors']} "
                   f"(server {s['server_cpu']:.2f} / client {s['client_cpu']:.2f} / others {s['others_cpu']:.2f} "
                   f"cores)" + (f" first error: {s['first_error']}" if s["errors"] else ""), flush=True)
     finally:
@@ -240,59 +243,73 @@ def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp:
 # ----------------------------------------------------------------------------- report
 def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
     top = max(args.clients)
-    ratio = res["tristage"][top]["tok_s"] / res["transformers"][top]["tok_s"]
-    errs = sum(s["errors"] for k in res for s in res[k].values())
+
+    def ratio(config: str, n: int) -> float:
+        return res[config]["tristage"][n]["tok_s"] / res[config]["transformers"][n]["tok_s"]
+
+    errs = sum(s["errors"] for c in res.values() for k in c.values() for s in k.values())
     import torch
     import transformers
 
-    lines = [f"**{ratio:.2f}x the output tokens/s of `transformers serve --continuous-batching` at {top} concurrent "
-             f"streaming clients** ({res['tristage'][top]['tok_s']:.0f} vs "
-             f"{res['transformers'][top]['tok_s']:.0f} tok/s), {errs} errors in all; same model folder, same "
-             "requests, same run.", "",
+    d, o = res["defaults"], res.get("one-thread")
+    head = (f"**{ratio('defaults', top):.2f}x the output tokens/s of `transformers serve --continuous-batching` at "
+            f"{top} concurrent streaming clients, each server with its defaults** ({d['tristage'][top]['tok_s']:.0f} "
+            f"vs {d['transformers'][top]['tok_s']:.0f} tok/s)")
+    if o:
+        head += (f"; **{ratio('one-thread', top):.2f}x with one torch thread each** "
+                 f"({o['tristage'][top]['tok_s']:.0f} vs {o['transformers'][top]['tok_s']:.0f} tok/s)")
+    lines = [head + f"; {errs} errors in all; same model folder, same requests, same run.", "",
              "```", f".venv/bin/python bench/bench_serve.py --clients {' '.join(map(str, args.clients))} "
              f"--requests-per-client {args.requests_per_client}", "```", "",
              "Settings: a random Llama (byte-level BPE vocab 4096, hidden 256, 6 layers, 8 heads / 4 KV heads, "
              "intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder, loaded by "
-             "both servers; its special (end-of-turn too) and non-ASCII tokens have logit 0, so every greedy answer runs to "
-             "max_tokens (the token counts are checked). Streaming chat completions, greedy, user messages of 8-64 "
-             "words, max_tokens 32-128, the same requests in the same order to both; N clients each send their "
-             f"next request when the last ends, {args.requests_per_client} requests per client. `tristage serve "
-             "bench=MODEL` (defaults: --max-batch 32, fp32, CPU) and `transformers serve --continuous-batching "
-             f"--device cpu --dtype float32 MODEL` (transformers {transformers.__version__}, its defaults otherwise); "
-             "one server at a time, each after 4 untimed warm-up requests. TTFT: request sent to first token; "
-             "TPOT: time per output token after the first (p50 / p90 / p99 over requests); gap p99: the 99th "
-             "percentile of the gaps between consecutive tokens of a stream.", "",
+             "both servers; its special (end-of-turn too) and non-ASCII tokens have logit 0, so every greedy answer "
+             "runs to max_tokens (the token counts are checked: a stream with another count is an error). Streaming "
+             "chat completions, greedy, user messages of 8-64 words, max_tokens 32-128, the same requests in the same "
+             f"order to both; N clients each send their next request when the last ends, max(6, {args.requests_per_client}"
+             " x N) requests per level. `tristage serve bench=MODEL` (defaults: --max-batch 32, fp32, CPU, torch "
+             "threads = CPUs - 1 = 1 here) and `transformers serve --continuous-batching --device cpu --dtype "
+             f"float32 MODEL` (transformers {transformers.__version__}; its defaults otherwise: torch's threads, 2 "
+             "here); one server at a time, each after 4 untimed warm-up requests. Two configurations: each "
+             "server's defaults, and both started with OMP_NUM_THREADS=1 (one torch thread each, the same compute "
+             "for both). TTFT: request sent to first token; TPOT: time per output token after the first (p50 / p90 "
+             "/ p99 over requests); gap p99: the 99th percentile of the gaps between consecutive tokens of a "
+             "stream.", "",
              f"Machine: 2 vCPU shared with other jobs, torch {torch.__version__}, no GPU; share of both cores "
              f"busy just before the run: {load_before:.0%}. The cores columns are CPU-seconds per second of the "
-             "run: the server, this bench's client, and every other process on the machine (other jobs).", "",
-             "| server | clients | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | gap p99 (ms) | "
-             "errors | cores: server / client / others |",
-             "|---|---:|---:|---|---|---:|---:|---|"]
-    for kind in ("tristage", "transformers"):
-        for n, s in res[kind].items():
-            lines.append(f"| {kind} | {n} | {s['tok_s']:.1f} | {s['ttft_p50'] * 1e3:.0f} / {s['ttft_p90'] * 1e3:.0f}"
-                         f" / {s['ttft_p99'] * 1e3:.0f} | {s['tpot_p50'] * 1e3:.1f} / {s['tpot_p90'] * 1e3:.1f} / "
-                         f"{s['tpot_p99'] * 1e3:.1f} | {s['gap_p99'] * 1e3:.1f} | {s['errors']} | "
-                         f"{s['server_cpu']:.2f} / {s['client_cpu']:.2f} / {s['others_cpu']:.2f} |")
-    lines += ["", "Ratio of output tokens/s (tristage / transformers) per level: " + ", ".join(
-        f"{n} clients {res['tristage'][n]['tok_s'] / res['transformers'][n]['tok_s']:.2f}x" for n in args.clients)
-        + "."]
+             "run: the server, this bench's client, and every other process on the machine (other jobs' load).", "",
+             "| config | server | clients | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | "
+             "gap p99 (ms) | errors | cores: server / client / others |",
+             "|---|---|---:|---:|---|---|---:|---:|---|"]
+    for config, by_kind in res.items():
+        for kind in ("tristage", "transformers"):
+            for n, s in by_kind[kind].items():
+                lines.append(f"| {config} | {kind} | {n} | {s['tok_s']:.1f} | {s['ttft_p50'] * 1e3:.0f} / "
+                             f"{s['ttft_p90'] * 1e3:.0f} / {s['ttft_p99'] * 1e3:.0f} | {s['tpot_p50'] * 1e3:.1f} / "
+                             f"{s['tpot_p90'] * 1e3:.1f} / {s['tpot_p99'] * 1e3:.1f} | {s['gap_p99'] * 1e3:.1f} | "
+                             f"{s['errors']} | {s['server_cpu']:.2f} / {s['client_cpu']:.2f} / "
+                             f"{s['others_cpu']:.2f} |")
+    for config in res:
+        lines += ["", f"Ratio of output tokens/s (tristage / transformers), {config}: " + ", ".join(
+            f"{n} clients {ratio(config, n):.2f}x" for n in args.clients) + "."]
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--servers", nargs="+", default=["tristage", "transformers"])
+    ap.add_argument("--configs", nargs="+", default=["defaults", "one-thread"], choices=["defaults", "one-thread"])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     folder = build_model(tmp)
     print(f"model folder {folder}; waiting for quiet CPUs", flush=True)
     load_before = wait_quiet(60)
-    res = {kind: run_server(kind, folder, args.clients, args.requests_per_client, tmp) for kind in args.servers}
-    if not args.no_write and set(res) == {"tristage", "transformers"}:
+    res = {config: {kind: run_server(kind, folder, args.clients, args.requests_per_client, tmp, config)
+                    for kind in args.servers} for config in args.configs}
+    if not args.no_write and set(args.servers) == {"tristage", "transformers"} and "defaults" in res:
         write_section("Serving", report(res, args, load_before))
         print("wrote the Serving section of bench/RESULTS.md")
     return 0
