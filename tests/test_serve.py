@@ -172,7 +172,7 @@ def test_text_completions(client, folders):
 
 
 # ----------------------------------------------------------------------------- keys and mistakes
-def test_the_api_key_guards_v1_only(server):
+def test_the_api_key_guards_the_api(server):
     url = server[0]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.get(url + "/v1/models", headers=headers)
@@ -181,19 +181,25 @@ def test_the_api_key_guards_v1_only(server):
     assert r.status_code == 401  # the key is checked first
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
-    assert httpx.get(url + "/", headers={}).status_code != 401  # the web pages are not behind the key
+    assert httpx.get(url + "/", headers={}).status_code != 401  # the page files hold no data
 
 
-def test_with_a_db_the_pages_are_served_without_the_key(server, tmp_path):
+def test_with_a_db_the_page_routes_take_the_key_as_a_header_or_a_cookie(server, tmp_path):
     pytest.importorskip("tristage.serve.web")
     app = create_app(server[1], api_key=KEY, db=str(tmp_path / "votes.sqlite"))
     assert app.state.hub is server[1]
 
-    async def get(path: str) -> int:
+    async def get(path: str, **headers: str) -> int:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return (await c.get(path)).status_code
+            return (await c.get(path, headers=headers)).status_code
 
-    assert asyncio.run(get("/")) == 200 and asyncio.run(get("/v1/models")) == 401
+    assert asyncio.run(get("/")) == 200 and asyncio.run(get("/static/common.js")) == 200  # the page files
+    assert asyncio.run(get("/v1/models")) == 401 and asyncio.run(get("/web/config")) == 401
+    assert asyncio.run(get("/web/config", cookie="tristage_key=wrong")) == 401
+    assert asyncio.run(get("/web/config", cookie="a=b; tristage_key=" + KEY)) == 200
+    assert asyncio.run(get("/web/config", authorization="Bearer " + KEY)) == 200
+    assert asyncio.run(get("/v1/models", cookie="tristage_key=" + KEY)) == 401  # the API takes the header only
+    assert asyncio.run(get("/web/config", cookie="bad cookie \x7f;;=")) == 401
 
 
 BAD = [  # (body or raw bytes, status, param)

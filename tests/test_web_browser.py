@@ -94,6 +94,7 @@ def browser():
 def page(browser):
     """A fresh page; dialogs (an injected alert would open one) and script errors are recorded, not fatal."""
     ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    ctx.add_cookies([{"name": "tristage_key", "value": KEY, "url": "http://127.0.0.1"}])  # the server's --api-key
     pg = ctx.new_page()
     pg.set_default_timeout(TIMEOUT)
     pg.dialogs, pg.errors = [], []
@@ -131,6 +132,23 @@ def test_streamed_multi_turn_chat(served, page):
         {"role": "user", "content": "and then?"}]
     assert calls[-1]["temperature"] == 0 and calls[-1]["max_tokens"] == 60
     assert not page.errors and not page.dialogs
+
+
+def test_the_page_asks_for_the_api_key_once(served, browser):
+    base = served[0]
+    ctx = browser.new_context()  # no key cookie: the page's first call gets a 401 and asks
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT)
+    asked = []
+    pg.on("dialog", lambda d: (asked.append(d.type), d.accept(KEY)))
+    pg.goto(base + "/chat")
+    pg.select_option("#model", "blue")
+    pg.fill("#prompt", "the dog sat on the mat.")
+    pg.press("#prompt", "Enter")
+    pg.wait_for_selector(".msg.assistant.done")
+    assert asked == ["prompt"]  # once: the cookie serves every later call
+    assert [c["value"] for c in ctx.cookies() if c["name"] == "tristage_key"] == [KEY]
+    ctx.close()
 
 
 def status_is(page, text: str, prefix: bool = False) -> None:

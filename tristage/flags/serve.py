@@ -23,9 +23,9 @@ class Config:
     host: str = arg("127.0.0.1", help="address to listen on; 127.0.0.1 (the default) is this machine only, 0.0.0.0 "
                                       "every network interface")
     port: int = arg(8000, check="[1, 65535]", help="TCP port to listen on")
-    api_key: str | None = arg(None, help="require `Authorization: Bearer KEY` on /v1/* (401 without it); default: "
-                                         "the TRISTAGE_API_KEY environment variable, else no key (the web pages "
-                                         "never ask for one)")
+    api_key: str | None = arg(None, help="require `Authorization: Bearer KEY` on /v1/* (401 without it), and the key "
+                                         "on the web pages' calls too (they ask for it once and keep it as a "
+                                         "cookie); default: the TRISTAGE_API_KEY environment variable, else no key")
     db: str | None = arg(None, help="SQLite file for the web pages' votes and annotations; with it the pages are "
                                     "served at /, without it only the API")
     max_batch: int = arg(32, check=">=1", help="rows decoded together per model at most (n > 1 takes n rows); "

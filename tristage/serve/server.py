@@ -18,9 +18,10 @@ Choices, and why:
   malformed JSON, a wrong type, a value out of range or a prompt longer than the context; 401 for a missing or
   wrong API key; 404 for an unknown model or path. Nothing a client sends can stop the server (tested). An
   internal failure is a 500 with the same body (and its traceback in the server's log).
-- The API key guards /v1/* only. The web pages (tristage/serve/web.py, mounted when `db` is given) are served by
-  the same process to a browser on the same origin, which has no way to hold the key; they stay open, so run the
-  server on 127.0.0.1 (the default) or behind your own proxy when the pages must not be public.
+- The API key guards /v1/* and the web pages' own routes (/web/*: chat, arena, votes, annotations), so a key set
+  for a server on a public address protects the models and the vote store alike. A browser cannot send a bearer
+  header from a page it loaded, so /web/* also takes the key as a cookie (`tristage_key`), which the pages set
+  after asking for it once on a 401. The page files themselves (HTML, JS, CSS) are public: they hold no data.
 - Supported: temperature, top_p, max_tokens (max_completion_tokens in chat), stop (a string or a list), seed, n,
   logprobs and top_logprobs (raw model log-probs, as in the engine), usage counts, several prompts in one
   /v1/completions request. Refused with a 400 instead of silently ignored: presence / frequency penalties,
@@ -40,7 +41,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -211,22 +214,37 @@ def create_app(hub: Hub, *, api_key: str | None = None, db: str | None = None) -
 
 
 class KeyGuard:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY` (401 otherwise), checked before the body is read,
-    so a request without the key learns nothing else. A plain ASGI class rather than `@app.middleware("http")`,
-    whose wrapper gets between a streaming response and the connection (and the news that a client left)."""
+    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY`, /web/* that or the cookie `tristage_key=KEY` (401
+    otherwise), checked before the body is read, so a request without the key learns nothing else. A plain ASGI
+    class rather than `@app.middleware("http")`, whose wrapper gets between a streaming response and the connection
+    (and the news that a client left)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path.startswith(("/v1/", "/web/")):
+            headers = dict(scope["headers"])
+            auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not given and path.startswith("/web/"):
+                given = _cookie(headers.get(b"cookie", b""), "tristage_key")
             if not hmac.compare_digest(given, self.key):
                 await _error(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.", None,
                              "invalid_api_key")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _cookie(header: bytes, name: str) -> bytes:
+    """The value of cookie `name` in a Cookie header (percent-decoded, as the pages encode it), or b""."""
+    jar = SimpleCookie()
+    try:
+        jar.load(header.decode("latin-1"))
+    except CookieError:
+        return b""
+    return unquote(jar[name].value).encode() if name in jar else b""
 
 
 def _install_web(app: FastAPI, db: str) -> None:

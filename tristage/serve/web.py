@@ -13,7 +13,9 @@ Choices, and why:
 - Safety: the pages are static (no server-side templating: no data is ever interpolated into HTML); data goes out
   as JSON or NDJSON only; and every page and script is sent with a Content-Security-Policy that allows only this
   origin's script files (no inline script, no event-handler attributes, no eval) and nosniff, so even text that
-  reached the DOM as HTML could not run. The web routes need no API key: they are the same origin as the page.
+  reached the DOM as HTML could not run. With an API key set, the /web/* routes need it too
+  (tristage/serve/server.py: KeyGuard), as a header or the `tristage_key` cookie that common.js sets after asking
+  for it once.
 - Streaming: a POST answered with NDJSON lines, {"delta": text} ... then {"done": true} or {"error": reason}, read
   with fetch's ReadableStream: a POST body (the conversation) is awkward with EventSource, and one line parser
   serves every page. A client that goes away cancels the hub's iteration, which frees its slot in the batch.

@@ -26,14 +26,28 @@ async function errorOf(resp) {
   return typeof msg === "string" ? msg : JSON.stringify(msg);
 }
 
+// fetch, and where the server asks for its API key (tristage serve --api-key: a 401), ask the user once, keep it as
+// the cookie the server reads on /web/* and try again.
+async function keyed(url, opts) {
+  let resp = await fetch(url, opts);
+  if (resp.status === 401) {
+    const key = window.prompt("This server asks for its API key (tristage serve --api-key):");
+    if (key) {
+      document.cookie = "tristage_key=" + encodeURIComponent(key) + "; path=/; SameSite=Strict";
+      resp = await fetch(url, opts);
+    }
+  }
+  return resp;
+}
+
 async function getJSON(url) {
-  const resp = await fetch(url);
+  const resp = await keyed(url);
   if (!resp.ok) throw new Error(await errorOf(resp));
   return resp.json();
 }
 
 async function postJSON(url, body) {
-  const resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+  const resp = await keyed(url, {method: "POST", headers: {"Content-Type": "application/json"},
                                  body: JSON.stringify(body)});
   if (!resp.ok) throw new Error(await errorOf(resp));
   return resp.json();
@@ -42,7 +56,7 @@ async function postJSON(url, body) {
 // POST `body` to `url` and read its NDJSON answer: onDelta(text) per {"delta"}, resolves on {"done"}, throws on
 // {"error"} or an early end.
 async function streamNDJSON(url, body, onDelta, signal) {
-  const resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+  const resp = await keyed(url, {method: "POST", headers: {"Content-Type": "application/json"},
                                  body: JSON.stringify(body), signal});
   if (!resp.ok) throw new Error(await errorOf(resp));
   const reader = resp.body.getReader();
