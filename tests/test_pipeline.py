@@ -159,6 +159,13 @@ def test_a_changed_input_reruns_its_stage_and_what_reads_from_it(run, tmp_path, 
     # --rerun forces a stage and what reads from it
     assert pipeline(tmp_path / "p.yaml", "--out", moved, "--dry-run", "--rerun", "eval") == 0
     assert {k for k, v in _plan(capsys).items() if v == "run"} == {"eval", "arena"}
+    # the stages reading from a stage that ran again in another invocation (a file of the stages up to sft) run again
+    # too: their fingerprints hold sft's
+    prefix = write_pipeline(run.parent, only=PREFIX)
+    assert pipeline(prefix, "--out", moved, "--no-report", "--set", "sft.lr=0.002") == 0
+    assert pipeline(run.parent / "pipeline.yaml", "--out", moved, "--dry-run", "--set", "sft.lr=0.002") == 0
+    plan = _plan(capsys)
+    assert plan["sft"] == "skip" and plan["reward"] == plan["ppo"] == plan["arena"] == "run"
 
 
 def test_an_interrupted_stage_resumes_exactly(run, tmp_path, capsys):
