@@ -35,6 +35,11 @@ def test_defaults_yaml_then_flags(tmp_path):
     assert parse(Demo, ["in.txt"]).targets == ["q", "v"]
 
 
+def test_a_repeated_list_flag_adds_its_values():
+    assert parse(Demo, ["in.txt", "--targets", "a", "--targets", "b", "c"]).targets == ["a", "b", "c"]
+    assert parse(Demo, ["in.txt", "--targets"]).targets == []  # given empty: empty, not the default
+
+
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("stepz: 3\n")

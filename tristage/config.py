@@ -225,7 +225,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
                            default=argparse.SUPPRESS, help=help_ + shown)
         elif typing.get_origin(base) in (list, tuple):
             (elem,) = typing.get_args(base)[:1]
-            p.add_argument(flag, dest=f.name, nargs="*", type=_converter(elem, False),
+            # extend: `--data a --data b` is [a, b], as `--data a b` is (a repeated flag is never dropped)
+            p.add_argument(flag, dest=f.name, nargs="*", action="extend", type=_converter(elem, False),
                            default=argparse.SUPPRESS, help=help_ + shown)
         elif typing.get_origin(base) is typing.Literal:
             choices = typing.get_args(base)

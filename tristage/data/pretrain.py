@@ -437,8 +437,9 @@ class TokenLoader:
         self.per_epoch = (self.n_tokens - 1) // (self.rows * seq_len)  # sequential batches per pass
         need = self.rows * seq_len + 1 if mode == "sequential" else seq_len + 1
         if self.n_tokens < need:
-            raise ValueError(f"{shard_dir}: the {split} split has {self.n_tokens} tokens; {mode} batches of "
-                             f"{self.rows} x {seq_len} need at least {need}")
+            raise UserError(f"{shard_dir}: the {split} split has {self.n_tokens} tokens; {mode} batches of "
+                            f"{self.rows} x {seq_len} need at least {need} (more text, a larger --val-fraction when "
+                            "preparing, or a shorter --seq-len)")
         self.step = 0
 
     def _window(self, start: int, n: int) -> np.ndarray:
