@@ -250,6 +250,25 @@ def build(run: Path, examples: int = 3) -> list[Block]:
     blocks.append(("p", f"{info.get('source', '')}: {done} of {len(stages)} stages done, {_seconds(total)} of stage "
                         f"time in all. {spec.get('description', '')}".strip()))
 
+    blocks += environment_blocks(env)
+    blocks += stage_blocks(run, stages, figs)
+    for s in stages:
+        if s["command"] in ("ppo", "grpo"):
+            blocks += rl_blocks(run, s, figs)
+    evals = [(s["name"], _json(run / s["name"] / "results.json")) for s in stages if s["command"] == "eval"]
+    blocks += reward_blocks(run, stages, evals)
+    blocks += score_blocks(run, evals, figs)
+    for s in stages:
+        if s["command"] == "arena":
+            blocks += arena_blocks(run, s)
+    blocks += answer_blocks(run, evals, examples)
+    blocks += settings_blocks(spec)
+    return blocks
+
+
+def environment_blocks(env: dict[str, Any]) -> list[Block]:
+    """The machine, versions and seed of the run."""
+    blocks: list[Block] = []
     blocks.append(("h", 2, "Environment"))
     blocks.append(("table", ["", ""], [
         ["hardware", f"{env.get('cpu', '-')}, {env.get('cpu_count', '-')} cores ({env.get('threads', '-')} torch "
@@ -262,6 +281,12 @@ def build(run: Path, examples: int = 3) -> list[Block]:
                      f"{env.get('torch', '-')}"],
         ["platform", env.get("platform", "-")], ["seed", _fmt(env.get("seed"))], ["date", env.get("date", "-")]]))
 
+    return blocks
+
+
+def stage_blocks(run: Path, stages: list[dict[str, Any]], figs: Path) -> list[Block]:
+    """The stage table and the loss curves."""
+    blocks: list[Block] = []
     blocks.append(("h", 2, "Stages"))
     blocks.append(("table", ["stage", "command", "status", "time", "tokens", "throughput", "MFU", "peak memory",
                              "last figures"], stage_rows(run, stages)))
@@ -271,26 +296,34 @@ def build(run: Path, examples: int = 3) -> list[Block]:
     if plot_losses(run, stages, figs / "losses.png"):
         blocks += [("h", 2, "Losses"), ("img", figs / "losses.png", "training and validation loss by step")]
 
-    for s in stages:
-        if s["command"] not in ("ppo", "grpo"):
-            continue
-        point = plot_rl(run, s["name"], figs / f"rl_{s['name']}.png")
-        if point is None:
-            continue
-        blocks.append(("h", 2, f"RL: {s['name']} ({s['command']})"))
-        blocks.append(("img", figs / f"rl_{s['name']}.png", f"{s['name']}: reward, KL and gold"))
-        history = _json(run / s["name"] / "curves.json", [])
-        if history:
-            rows = [[str(int(h["step"])), _fmt(h["eval_kl"]), _fmt(h["eval_reward"]), _fmt(h.get("eval_gold"))]
-                    for h in history]
-            blocks.append(("table", ["step", "held-out KL", "held-out reward", "held-out gold"], rows))
-        blocks.append(("p", f"Over-optimisation: the held-out reward rose after step {int(point['step'])} while the "
-                            "gold score fell (marked)." if point else
-                            "No over-optimisation point: the held-out gold score did not fall while the reward rose."
-                            if history and "eval_gold" in history[0] else
-                            "No gold scorer in the held-out monitor: over-optimisation cannot be seen here."))
+    return blocks
 
-    evals = [(s["name"], _json(run / s["name"] / "results.json")) for s in stages if s["command"] == "eval"]
+
+def rl_blocks(run: Path, s: dict[str, Any], figs: Path) -> list[Block]:
+    """One RL stage's held-out curves and its over-optimisation point."""
+    blocks: list[Block] = []
+    point = plot_rl(run, s["name"], figs / f"rl_{s['name']}.png")
+    if point is None:
+        return blocks
+    blocks.append(("h", 2, f"RL: {s['name']} ({s['command']})"))
+    blocks.append(("img", figs / f"rl_{s['name']}.png", f"{s['name']}: reward, KL and gold"))
+    history = _json(run / s["name"] / "curves.json", [])
+    if history:
+        rows = [[str(int(h["step"])), _fmt(h["eval_kl"]), _fmt(h["eval_reward"]), _fmt(h.get("eval_gold"))]
+                for h in history]
+        blocks.append(("table", ["step", "held-out KL", "held-out reward", "held-out gold"], rows))
+    blocks.append(("p", f"Over-optimisation: the held-out reward rose after step {int(point['step'])} while the "
+                        "gold score fell (marked)." if point else
+                        "No over-optimisation point: the held-out gold score did not fall while the reward rose."
+                        if history and "eval_gold" in history[0] else
+                        "No gold scorer in the held-out monitor: over-optimisation cannot be seen here."))
+
+    return blocks
+
+
+def reward_blocks(run: Path, stages: list[dict[str, Any]], evals: list[tuple[str, Any]]) -> list[Block]:
+    """Each reward model's accuracy on its labels and agreement with gold."""
+    blocks: list[Block] = []
     rm_rows = []
     for s in stages:
         if s["command"] != "reward":
@@ -307,6 +340,12 @@ def build(run: Path, examples: int = 3) -> list[Block]:
                               "the labels agree with gold"], rm_rows),
                    ("p", "Pairs whose two answers have the same gold score are left out of the agreement.")]
 
+    return blocks
+
+
+def score_blocks(run: Path, evals: list[tuple[str, Any]], figs: Path) -> list[Block]:
+    """Every model's mean score on the held-out prompts, with intervals."""
+    blocks: list[Block] = []
     for name, r in evals:
         if not r:
             continue
@@ -319,28 +358,37 @@ def build(run: Path, examples: int = 3) -> list[Block]:
         if plot_scores(r["models"], r["scorer"], figs / f"scores_{name}.png"):
             blocks.append(("img", figs / f"scores_{name}.png", f"mean {r['scorer']} score per model"))
 
-    for s in stages:
-        if s["command"] != "arena":
-            continue
-        summary = _json(run / s["name"] / "summary.json")
-        board = _json(run / s["name"] / "leaderboard.json")
-        if not summary or not board:
-            continue
-        blocks.append(("h", 2, f"Arena ({s['name']})"))
-        gold = summary.get("gold", {})
-        rows = [[str(b["rank"]), b["model"], _fmt(b["rating"], 0), f"[{_fmt(b['lower'], 0)}, {_fmt(b['upper'], 0)}]",
-                 f"{b['wins']}/{b['losses']}/{b['ties']}",
-                 _fmt(gold[b["model"]]["mean"]) if b["model"] in gold else "-"] for b in board]
-        blocks.append(("table", ["rank", "model", "rating", "95% interval", "wins/losses/ties", "mean gold"], rows))
-        text = (f"{summary['prompts']} prompts, {summary['battles']} battles, judge {summary['judge']}; Bradley-Terry "
-                "ratings (mean 1000) with bootstrap intervals; a rank counts the models whose interval lies wholly "
-                "above.")
-        if "kendall_tau" in summary:
-            text += f" Kendall tau between the ratings and the mean gold scores: {summary['kendall_tau']:.2f}."
-        blocks.append(("p", text))
-        if (run / s["name"] / "leaderboard.png").is_file():
-            blocks.append(("img", run / s["name"] / "leaderboard.png", "arena leaderboard"))
+    return blocks
 
+
+def arena_blocks(run: Path, s: dict[str, Any]) -> list[Block]:
+    """An arena stage's board."""
+    blocks: list[Block] = []
+    summary = _json(run / s["name"] / "summary.json")
+    board = _json(run / s["name"] / "leaderboard.json")
+    if not summary or not board:
+        return blocks
+    blocks.append(("h", 2, f"Arena ({s['name']})"))
+    gold = summary.get("gold", {})
+    rows = [[str(b["rank"]), b["model"], _fmt(b["rating"], 0), f"[{_fmt(b['lower'], 0)}, {_fmt(b['upper'], 0)}]",
+             f"{b['wins']}/{b['losses']}/{b['ties']}",
+             _fmt(gold[b["model"]]["mean"]) if b["model"] in gold else "-"] for b in board]
+    blocks.append(("table", ["rank", "model", "rating", "95% interval", "wins/losses/ties", "mean gold"], rows))
+    text = (f"{summary['prompts']} prompts, {summary['battles']} battles, judge {summary['judge']}; Bradley-Terry "
+            "ratings (mean 1000) with bootstrap intervals; a rank counts the models whose interval lies wholly "
+            "above.")
+    if "kendall_tau" in summary:
+        text += f" Kendall tau between the ratings and the mean gold scores: {summary['kendall_tau']:.2f}."
+    blocks.append(("p", text))
+    if (run / s["name"] / "leaderboard.png").is_file():
+        blocks.append(("img", run / s["name"] / "leaderboard.png", "arena leaderboard"))
+
+    return blocks
+
+
+def answer_blocks(run: Path, evals: list[tuple[str, Any]], examples: int) -> list[Block]:
+    """A few answers of every model to the same prompts."""
+    blocks: list[Block] = []
     for name, r in evals:
         if not r:
             continue
@@ -357,6 +405,12 @@ def build(run: Path, examples: int = 3) -> list[Block]:
                            [[m, a[i]["answer"], _fmt(a[i]["score"])]
                             for m, a in answers.items()]))
 
+    return blocks
+
+
+def settings_blocks(spec: dict[str, Any]) -> list[Block]:
+    """The pipeline file as given."""
+    blocks: list[Block] = []
     blocks.append(("h", 2, "Settings"))
     blocks.append(("p", "Each stage's settings as the pipeline file gave them (pipeline.yaml in the run folder); the "
                         "full resolved settings of every stage are in .pipeline/NAME.json."))
