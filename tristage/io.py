@@ -190,16 +190,21 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     for i, line in read_lines(path, MAX_LINE_CHARS):
         if not line.strip():
             continue
-        try:
-            obj = parse_json(line)
-        except DataError as e:
-            raise e.at(path, i) from None
-        if not isinstance(obj, dict):
-            raise DataError(path, i, f"expected a JSON object, got {type(obj).__name__}")
         n += 1
-        yield i, obj
+        yield i, json_object(line, path, i)
     if not n:
         raise DataError(path, None, "no records (the file is empty)")
+
+
+def json_object(line: str, path: str | os.PathLike, line_no: int) -> dict[str, Any]:
+    """One JSONL line as an object; anything else raises DataError at path:line_no."""
+    try:
+        obj = parse_json(line)
+    except DataError as e:
+        raise e.at(path, line_no) from None
+    if not isinstance(obj, dict):
+        raise DataError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]] | Iterator[dict[str, Any]]) -> int:

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from tristage.io import DataError, UserError, parse_json, read_lines
+from tristage.io import DataError, UserError, json_object, parse_json, read_lines
 
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 SCALE, BASE, INIT_RATING = 400.0, 10.0, 1000.0
@@ -208,14 +208,8 @@ def battle_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 n += 1
                 yield j, obj
             break
-        try:
-            obj = parse_json(line)
-        except DataError as e:
-            raise e.at(path, i) from None
-        if not isinstance(obj, dict):
-            raise DataError(path, i, f"expected a JSON object, got {type(obj).__name__}")
         n += 1
-        yield i, obj
+        yield i, json_object(line, path, i)
     if not n:
         raise DataError(path, None, "no battles (the file is empty)")
 
