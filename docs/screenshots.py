@@ -15,8 +15,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -26,17 +24,6 @@ PROMPTS = ["Tell me a story about Tom.", "Write a short story about a dog in the
            "Write a happy story about a girl named Mia at the lake.", "Tell me a story about a cat on the patio.",
            "Write a long story about a boy named Sam in the forest.", "Write a sad story about a duck at the pond.",
            "Tell me a story about a rabbit in the meadow.", "Write a story about an owl in the barn."]
-
-
-def serve(app):
-    import uvicorn
-
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.01)
-    return f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}", srv, thread
 
 
 def annotator_votes(base: str, rounds: int) -> None:
@@ -73,13 +60,13 @@ def main() -> int:
     from playwright.sync_api import expect, sync_playwright
 
     from tristage.serve.hub import Hub
-    from tristage.serve.server import create_app
+    from tristage.serve.server import create_app, serve_in_thread
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hub = Hub.load(args.models)
     with tempfile.TemporaryDirectory() as tmp:
-        base, srv, thread = serve(create_app(hub, db=str(Path(tmp) / "votes.db")))
+        base, stop = serve_in_thread(create_app(hub, db=str(Path(tmp) / "votes.db")))
         try:
             annotator_votes(base, args.votes)
             with sync_playwright() as p:
@@ -119,8 +106,7 @@ def main() -> int:
                 page.screenshot(path=str(out / "annotate.png"), full_page=True)
                 browser.close()
         finally:
-            srv.should_exit = True
-            thread.join(timeout=10)
+            stop()
             hub.close()
     for name in ("chat", "arena", "annotate"):
         print(f"screenshots: wrote {out / name}.png")

@@ -23,7 +23,7 @@ from tristage.rollout import load_chat_model  # noqa: E402
 from tristage.serve.detok import response_text  # noqa: E402
 from tristage.serve.engine import Engine, SamplingParams  # noqa: E402
 from tristage.serve.hub import Hub, HubError, StopMatcher  # noqa: E402
-from tristage.serve.server import create_app  # noqa: E402
+from tristage.serve.server import create_app, serve_in_thread  # noqa: E402
 
 KEY = "sk-test"
 CONTEXT = 4096  # long enough that a request of 4000 tokens is still running when its client leaves
@@ -54,15 +54,9 @@ def folders(tiny_shards, tmp_path_factory):
 def server(folders):
     """(base_url, hub): both models served, "a" by its folder's name (runs/a/model -> a), "b" as NAME=PATH."""
     hub = Hub.load([str(folders / "a" / "model"), f"b={folders / 'b' / 'model'}"], max_batch=8)
-    srv = uvicorn.Server(uvicorn.Config(create_app(hub, api_key=KEY), host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.01)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", hub
-    srv.should_exit = True
-    thread.join(timeout=10)
+    url, stop = serve_in_thread(create_app(hub, api_key=KEY))
+    yield url, hub
+    stop()
     hub.close()
 
 

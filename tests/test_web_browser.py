@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
@@ -27,7 +25,7 @@ if CHROMIUM is None:
 
 from tristage.cli import main as cli  # noqa: E402
 from tristage.serve.hub import Hub  # noqa: E402
-from tristage.serve.server import create_app  # noqa: E402
+from tristage.serve.server import create_app, serve_in_thread  # noqa: E402
 
 KEY = "sk-browser"
 TIMEOUT = 20_000  # ms: a generous bound for any one wait on a loaded 2-core machine
@@ -35,17 +33,7 @@ TIMEOUT = 20_000  # ms: a generous bound for any one wait on a loaded 2-core mac
 
 def serve(app):
     """uvicorn in a thread on a free port -> (base url, stop function)."""
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.01)
-
-    def stop():
-        srv.should_exit = True
-        thread.join(timeout=10)
-
-    return f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}", stop
+    return serve_in_thread(app)
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,10 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Literal
@@ -467,6 +468,26 @@ async def _respond(reply: _Reply, request: Request):
 
 
 # ----------------------------------------------------------------------------- the command
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tuple[str, Callable[[], None]]:
+    """Serve `app` with uvicorn in a daemon thread (port 0: a free one) -> (base url, stop function): for a program
+    that embeds the server, the tests and the screenshots."""
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        if not thread.is_alive():
+            raise OSError(f"could not serve on {host}:{port}")
+        time.sleep(0.01)
+
+    def stop() -> None:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://{host}:{srv.servers[0].sockets[0].getsockname()[1]}", stop
+
+
 def main(cfg: Config) -> int:
     """`tristage serve`: check the flags and folders, load the models, serve until interrupted."""
     import os
