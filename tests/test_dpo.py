@@ -79,9 +79,10 @@ def test_dpo_resume_is_exact(setup, tmp_path):
     dpo.main(_cfg(setup, tmp_path / "full", max_steps=8, save_every=0))
     dpo.main(_cfg(setup, tmp_path / "part", max_steps=8, stop_at=4, save_every=0))
     dpo.main(_cfg(setup, tmp_path / "part", max_steps=8, resume=True, save_every=0))
-    la = [(r["step"], r["loss"]) for r in _log(tmp_path / "full") if "loss" in r]
-    lb = [(r["step"], r["loss"]) for r in _log(tmp_path / "part") if "loss" in r]
+    la = [(r["step"], r["loss"], r["tokens"]) for r in _log(tmp_path / "full") if "loss" in r]
+    lb = [(r["step"], r["loss"], r["tokens"]) for r in _log(tmp_path / "part") if "loss" in r]
     assert la == lb and len(la) == 8
+    assert all(0 < r["mfu"] < 1 for r in _log(tmp_path / "full") if "loss" in r)
 
 
 def test_lora_dpo_writes_adapter_and_merged_model(setup, tmp_path):

@@ -201,3 +201,38 @@ def test_suggested_depth_follows_tying(capsys):
         untied["suggested_depth"], 32000, tie_word_embeddings=False).num_params()
     assert untied["suggested_depth"] == tied["suggested_depth"] == 112
     assert untied["suggested_depth_params"] == 69_566_766_080 == tied["suggested_depth_params"] + 32000 * 7168
+
+
+def test_forward_and_score_model_flops_match_torch_flop_counter(monkeypatch):
+    """A forward pass is a third of training's FLOPs; a score model (h weights of head, no lm_head) as counted."""
+    from tristage.flops import forward_flops_per_token
+    from tristage.model.score import from_causal_lm
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, tie_word_embeddings=False)
+    B, T = 3, 16
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _math_sdpa)
+    ids = torch.randint(0, 97, (B, T))
+    for model, lm_head in ((build_model(cfg), True), (from_causal_lm(build_model(cfg)), False)):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(ids)
+        assert counter.get_total_flops() == forward_flops_per_token(cfg, T, lm_head=lm_head) * B * T
+    assert flops_per_token(cfg, T) - flops_per_token(cfg, T, lm_head=False) == 6 * (97 - 1) * 64
+
+
+def test_rl_step_work_counts_every_pass():
+    """tokens = prompt + answer tokens of every answer on all processes; FLOPs = tokens x (one forward per listed
+    model + epochs x training per trained model) at the mean sequence length."""
+    from types import SimpleNamespace
+
+    from tristage.flops import forward_flops_per_token
+    from tristage.stages.rl import step_work
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    b = SimpleNamespace(prompt_ids=[[1, 2, 3], [4, 5]], answer_ids=[[6, 7, 8, 9, 10], [11, 12, 13]])  # 8 and 5 tokens
+    tokens, flops = step_work(b, 2, [(cfg, True), (cfg, False)], [(cfg, True)], epochs=4)
+    assert tokens == 2 * 13
+    per_token = forward_flops_per_token(cfg, 6) + forward_flops_per_token(cfg, 6, lm_head=False) + \
+        4 * flops_per_token(cfg, 6)  # round(mean(8, 5)) = 6
+    assert flops == pytest.approx(26 * per_token, rel=1e-12)

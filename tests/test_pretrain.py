@@ -74,6 +74,9 @@ def test_resume_continues_exactly(tiny_shards, tmp_path):
     a, b = _losses(full), _losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert a == b  # bit for bit, step for step
+    tokens = [[r["tokens"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "tokens" in r]
+              for run in (full, split)]
+    assert tokens[0] == tokens[1] and tokens[0][-1] == 6 * tokens[0][0]
     # the run's folder is a Hugging Face model folder
     from tristage.model.hf import load_model
 

@@ -56,9 +56,10 @@ def test_reward_resume_is_exact(setup, tmp_path):
     reward.main(_cfg(setup, part, max_steps=12, resume=True, save_every=0))
     a = [json.loads(r) for r in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(r) for r in (part / "metrics.jsonl").read_text().splitlines()]
-    la = [(r["step"], r["loss"]) for r in a if "loss" in r]
-    lb = [(r["step"], r["loss"]) for r in b if "loss" in r]
+    la = [(r["step"], r["loss"], r["tokens"]) for r in a if "loss" in r]
+    lb = [(r["step"], r["loss"], r["tokens"]) for r in b if "loss" in r]
     assert la == lb and len(la) >= 2
+    assert all(0 < r["mfu"] < 1 for r in a if "loss" in r)
 
 
 def test_attribute_heads_train_on_ratings(setup, tmp_path):

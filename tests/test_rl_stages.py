@@ -164,6 +164,8 @@ def test_resume_is_exact(world, tmp_path, stage):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
     assert [r.get("loss") for r in ra] == [r.get("loss") for r in rb]
+    assert [r.get("tokens") for r in ra] == [r.get("tokens") for r in rb]
+    assert all(r["tokens"] > 0 and 0 < r["mfu"] < 1 for r in ra if "loss" in r)
 
 
 @pytest.mark.distributed

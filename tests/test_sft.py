@@ -75,6 +75,10 @@ def test_sft_resume_is_exact(base_and_data, tmp_path):
     sft.main(_cfg(base_and_data, tmp_path / "split", stop_at=4))
     sft.main(_cfg(base_and_data, tmp_path / "split", resume=True))
     assert _losses(tmp_path / "full") == _losses(tmp_path / "split")
+    # the token count carries over the resume (training_state.pt), so tokens and MFU are logged alike
+    tokens = [[r["tokens"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if "tokens" in r] for run in ("full", "split")]
+    assert tokens[0] == tokens[1] and tokens[0] == sorted(set(tokens[0])) and tokens[0][0] > 0
 
 
 def test_padded_and_packed_agree_on_validation_loss(base_and_data, tmp_path):

@@ -5,8 +5,9 @@ Conventions (the planner's header, tristage/plan.py, gives the sources):
   linear layer plus the output projection, not the embedding lookup, norms or biases; T is the full context
   (the causal half counted, as PaLM does) unless `causal=True`.
 - Peaks are dense bf16 tensor FLOP/s from the vendors' datasheets (no sparsity); fp32 is taken as half of it.
-  On a CPU the peak is measured once with a 1024^3 matmul on the threads torch uses: the machine's practical
-  roofline, which is what an MFU on a CPU can be read against.
+  On a CPU the peak is measured once per process: the fastest of three repeats of 512^3, 1024^3 and 2048^3 matmuls
+  on the threads torch uses, the machine's practical roofline, which is what an MFU on a CPU can be read against.
+- Forward-only work (generation, scoring, reference log-probs) counts a third of the training FLOPs per token.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ GPUS: dict[str, tuple[float, float, float]] = {
 }
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies through: q/k/v/o, gate/up/down per layer, plus the lm_head (V*h)."""
+def matmul_params(cfg: ModelConfig, lm_head: bool = True) -> int:
+    """Weights a token multiplies through: q/k/v/o, gate/up/down per layer, plus the lm_head (V*h); a reward or value
+    model (`lm_head=False`) has a score head of h weights instead."""
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return cfg.num_hidden_layers * (2 * h * (q + kv) + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
+    return cfg.num_hidden_layers * (2 * h * (q + kv) + 3 * h * cfg.intermediate_size) + (cfg.vocab_size if lm_head
+                                                                                          else 1) * h
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
@@ -43,9 +46,15 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = Fal
     return 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * keys
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False, lm_head: bool = True) -> float:
     """Training FLOPs per token: 6 * N_matmul + the attention term (PaLM's 6N + 12LHQT)."""
-    return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len, causal)
+    return 6.0 * matmul_params(cfg, lm_head) + attention_flops_per_token(cfg, seq_len, causal)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, lm_head: bool = True) -> float:
+    """Forward-only FLOPs per token (generation, scoring, reference log-probs): a third of training's, by the same
+    convention (sequences of about seq_len tokens)."""
+    return flops_per_token(cfg, seq_len, lm_head=lm_head) / 3
 
 
 _MEASURED: dict[tuple[str, torch.dtype], float] = {}
@@ -64,14 +73,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         return float("nan")
     key = (device.type, dtype)
     if key not in _MEASURED:
-        n = 1024
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        for _ in range(2):
+        # the best of several sizes and repeats: the roofline is what the machine can do, so a repeat slowed by
+        # another process's load must not lower it (a low peak would put MFU above 100%)
+        best = 0.0
+        for n in (512, 1024, 2048):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             a @ b
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        _MEASURED[key] = 2 * n**3 / sorted(times)[len(times) // 2]
+            for _ in range(3):
+                t = time.perf_counter()
+                a @ b
+                best = max(best, 2 * n**3 / (time.perf_counter() - t))
+        _MEASURED[key] = best
     return _MEASURED[key]

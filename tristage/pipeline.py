@@ -51,16 +51,20 @@ Choices, and why:
   and battles; world, tokenizer, prepare, label, import and eval start over (they write their output at the end).
 - Stages run in this process one after the other (no interpreter or torch start-up per stage). Each one's wall
   time and peak memory go into its stage.json for the report: the resident set's peak, reset per stage through
-  /proc/self/clear_refs (Linux; elsewhere the process's peak so far), and on CUDA the peak allocation. The run
+  /proc/self/clear_refs (Linux; elsewhere the process's peak so far) after what earlier stages freed is handed back
+  (gc, malloc_trim), with the resident set at the stage's start beside it (what is still held from before: the
+  stage's own growth is the difference), and on CUDA the peak allocation. The run
   folder also keeps pipeline.yaml (the file as run, after --set), pipeline.json (the stages in order) and
   environment.json (hardware, versions, seed): `tristage report RUN` needs nothing else.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import difflib
+import gc
 import glob
 import hashlib
 import importlib
@@ -416,8 +420,15 @@ def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
     return out
 
 
-def reset_peak_memory() -> None:
-    """Start a new peak for this process's resident set (Linux: clear_refs 5) and CUDA's allocations."""
+def reset_peak_memory() -> dict[str, float]:
+    """Start a new peak for this process's resident set and CUDA's allocations, after handing what earlier stages
+    freed back to the system (gc, then glibc's malloc_trim), so the peak is this stage's as far as one process allows.
+    Returns {"start_rss_mb": the resident set now} (Linux), which the stage's own growth is measured from."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -425,17 +436,30 @@ def reset_peak_memory() -> None:
         pass
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    rss = _status_mb("VmRSS:")
+    return {} if rss is None else {"start_rss_mb": rss}
+
+
+def _status_mb(field: str) -> float | None:
+    """A /proc/self/status field in MB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_memory() -> dict[str, float]:
     """{"peak_rss_mb": ..., "peak_cuda_mb": ... (on CUDA)} since the last reset."""
     out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["peak_rss_mb"] = int(line.split()[1]) / 1024
-    except OSError:
+    hwm = _status_mb("VmHWM:")
+    if hwm is not None:
+        out["peak_rss_mb"] = hwm
+    else:
         import resource
 
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin"
@@ -477,7 +501,7 @@ def run_stage(stage: Stage, action: str, stop_at: int | None, progress: bool) ->
     marker = {"name": stage.name, "command": stage.command, "status": "running", "fingerprint": stage.fingerprint,
               "deps": stage.deps, "config": to_dict(cfg), "started": started, "seconds": seconds_before}
     write_json(marker_path(stage.folder), marker)
-    reset_peak_memory()
+    marker.update(reset_peak_memory())
     t0 = time.perf_counter()
     try:
         result = _resolve(KINDS[stage.command][1])(cfg)

@@ -99,8 +99,9 @@ def stage_rows(run: Path, stages: list[dict[str, Any]]) -> list[list[str]]:
             rate_text = "-"
         mfus = [r["mfu"] for r in metrics if "mfu" in r]
         mem = m.get("peak_rss_mb")
-        mem_text = "-" if mem is None else f"{mem:,.0f} MB" + (f" (GPU {m['peak_cuda_mb']:,.0f} MB)"
-                                                               if m.get("peak_cuda_mb") else "")
+        held = m.get("start_rss_mb")
+        mem_text = "-" if mem is None else f"{mem:,.0f} MB" + (f" ({mem - held:+,.0f})" if held is not None else "") \
+            + (f", GPU {m['peak_cuda_mb']:,.0f} MB" if m.get("peak_cuda_mb") else "")
         figures = ", ".join(f"{k} {_fmt(last[k])}" for k in ("loss", "val_loss", "val_accuracy", "reward", "kl",
                                                               "eval_gold") if k in last)
         rows.append([s["name"], s["command"], m.get("status", "not run"), _seconds(m.get("seconds")),
@@ -290,9 +291,14 @@ def stage_blocks(run: Path, stages: list[dict[str, Any]], figs: Path) -> list[Bl
     blocks.append(("h", 2, "Stages"))
     blocks.append(("table", ["stage", "command", "status", "time", "tokens", "throughput", "MFU", "peak memory",
                              "last figures"], stage_rows(run, stages)))
-    blocks.append(("p", "Time is the stage's wall time (summed over resumed runs); peak memory the process's resident "
-                        "set during the stage (and CUDA's peak allocation); MFU by PaLM's convention against the "
-                        "hardware's peak."))
+    blocks.append(("p", "Time is the stage's wall time (summed over resumed runs). Tokens: every real token the "
+                        "stage's models processed (prompts and answers, padding not counted); throughput in the "
+                        "stage's own unit, averaged over its log intervals. MFU: the model FLOPs of that work (PaLM's "
+                        "6N + 12LHQT per trained token, a third of it per token of generation, scoring and reference "
+                        "passes) per second against the hardware's peak (on a CPU, the best measured matmul rate). "
+                        "Peak memory: the process's resident set during the stage, and in brackets its growth over "
+                        "the stage's start (the stages share one process; what an earlier stage still holds is in "
+                        "the first figure only), and CUDA's peak allocation."))
     if plot_losses(run, stages, figs / "losses.png"):
         blocks += [("h", 2, "Losses"), ("img", figs / "losses.png", "training and validation loss by step")]
 

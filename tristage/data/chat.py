@@ -275,13 +275,13 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Conversat
 # ----------------------------------------------------------------------------- batching
 def pad_batch(examples: Sequence[Example], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:
     """Right-padded batch: input_ids, labels (pre-shifted, -100 = no loss), position_ids [B, T], attn_mask None
-    (causal is exact: padding only follows real tokens), num_tokens (trained targets)."""
+    (causal is exact: padding only follows real tokens), num_tokens (trained targets), num_inputs (real tokens)."""
     B, T = len(examples), pad_to or max(len(e) for e in examples)
     ids, labels = torch.full((B, T), pad_id, dtype=torch.long), torch.full((B, T), IGNORE, dtype=torch.long)
     for b, e in enumerate(examples):
         ids[b, :len(e)], labels[b, :len(e)] = torch.tensor(e.input_ids), torch.tensor(e.labels)
     return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T).expand(B, T), "attn_mask": None,
-            "num_tokens": int((labels != IGNORE).sum())}
+            "num_tokens": int((labels != IGNORE).sum()), "num_inputs": sum(len(e) for e in examples)}
 
 
 def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -305,7 +305,7 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def pack_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> dict[str, Any]:
     """Rows of packed examples -> input_ids, labels, position_ids, doc_ids [B, T] (padding: doc -1), attn_mask
-    [B, 1, T, T] (causal within a conversation), num_tokens, rows (the example indices per row)."""
+    [B, 1, T, T] (causal within a conversation), num_tokens, num_inputs, rows (the example indices per row)."""
     B, T = len(rows), seq_len
     ids, labels = torch.full((B, T), pad_id, dtype=torch.long), torch.full((B, T), IGNORE, dtype=torch.long)
     doc_ids = torch.full((B, T), -1, dtype=torch.long)
@@ -318,7 +318,7 @@ def pack_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_le
             pos += len(e)
     return {"input_ids": ids, "labels": labels, "position_ids": positions_from_doc_ids(doc_ids), "doc_ids": doc_ids,
             "attn_mask": make_attention_mask(doc_ids, T), "num_tokens": int((labels != IGNORE).sum()),
-            "rows": [list(r) for r in rows]}
+            "num_inputs": int((doc_ids >= 0).sum()), "rows": [list(r) for r in rows]}
 
 
 def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0,

@@ -532,7 +532,8 @@ def _ratings_tensor(examples: Sequence[PairExample]) -> torch.Tensor | None:
 
 def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
     """2B right-padded rows, chosen then rejected: input_ids, labels (pre-shifted, -100 off the reply), last_index
-    [2B] (each row's last real token), ratings [2B, A] (NaN = missing; only when some pair has ratings), num_pairs."""
+    [2B] (each row's last real token), ratings [2B, A] (NaN = missing; only when some pair has ratings), num_pairs,
+    num_inputs (real tokens)."""
     rows = [(e.chosen_ids, e.chosen_mask) for e in examples] + [(e.rejected_ids, e.rejected_mask) for e in examples]
     T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -541,7 +542,8 @@ def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any
         input_ids[b, :len(ids)] = torch.tensor(ids)
         labels[b, :len(ids) - 1] = torch.tensor([i if m else IGNORE for i, m in zip(ids[1:], mask[1:])])
     batch = {"input_ids": input_ids, "labels": labels,
-             "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]), "num_pairs": len(examples)}
+             "last_index": torch.tensor([len(ids) - 1 for ids, _ in rows]), "num_pairs": len(examples),
+             "num_inputs": sum(len(ids) for ids, _ in rows)}
     ratings = _ratings_tensor(examples)
     if ratings is not None:
         batch["ratings"] = ratings
@@ -559,7 +561,7 @@ def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int, pack: boo
     input_ids, position_ids [R, L]; attn_mask [R, 1, L, L] (True = may attend); the scored tokens as flat gathers:
     lp_row, lp_pos (the position whose logits predict the token), lp_tok, lp_seq (0..B-1 chosen, B..2B-1 rejected);
     last_row, last_pos [2B] (each reply's last token, where a reward head reads); ratings [2B, A] as collate_pairs;
-    num_pairs B."""
+    num_pairs B; num_inputs (real tokens: each prompt once)."""
     B = len(examples)
     segs = []  # per pair: ids, positions, parts (0 prompt, 1 chosen, 2 rejected), gathers, last (relative)
     for b, e in enumerate(examples):
@@ -612,7 +614,7 @@ def collate_pairs_shared(examples: Sequence[PairExample], pad_id: int, pack: boo
     lt = torch.tensor(last, dtype=torch.long)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "attn_mask": (causal & same & ~crossing)[:, None],
              "lp_row": g[:, 0], "lp_pos": g[:, 1], "lp_tok": g[:, 2], "lp_seq": g[:, 3],
-             "last_row": lt[:, 0], "last_pos": lt[:, 1], "num_pairs": B}
+             "last_row": lt[:, 0], "last_pos": lt[:, 1], "num_pairs": B, "num_inputs": sum(len(x[0]) for x in segs)}
     ratings = _ratings_tensor(examples)
     if ratings is not None:
         batch["ratings"] = ratings

@@ -213,15 +213,16 @@ def main(cfg: Config) -> dict:
     metrics: dict = {}
     with loop.Reporter(s, max_steps, start) as rep:
         for step in range(start, max_steps):
-            m = loop.train_step(s, t, [next_batch() for _ in range(cfg.grad_accum)], loss_fn,
-                                lambda b: len(b["pair_idx"]), step, max_steps)
+            micro = [next_batch() for _ in range(cfg.grad_accum)]
+            m = loop.train_step(s, t, micro, loss_fn, lambda b: len(b["pair_idx"]), step, max_steps)
             rep.watch(step + 1, m)
-            rep.count(m["count"])
+            tokens, flops = loop.step_work(micro, model.config, d.world_size)
+            rep.count(m["count"], tokens, flops)
             done = step + 1
             if loop.due(done, cfg.log_every, max_steps):
                 metrics = {k: m[k] for k in ("loss", "reward_chosen", "reward_rejected")}
                 metrics.update(margin=m["reward_chosen"] - m["reward_rejected"], accuracy=m["accuracy"], lr=m["lr"],
-                               grad_norm=m["grad_norm"], pairs_per_s=rep.rate())
+                               grad_norm=m["grad_norm"], pairs_per_s=rep.rate(), **rep.work())
                 rep.record(done, metrics, f"loss {m['loss']:.3f}  margin {metrics['margin']:.3f}  acc "
                                           f"{m['accuracy']:.2f}")
             if val_batches and loop.due(done, cfg.eval_every, max_steps):

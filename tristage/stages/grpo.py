@@ -95,6 +95,7 @@ def main(cfg: Config) -> dict:
     def count(mb) -> float:
         return mb["n_seqs"] if cfg.loss_agg == "sequence" else len(mb["lp_tok"])
 
+    forward = [(policy.config, True)] * 3 + rl.scorer_model(reward)  # generation, old and reference log-probs, reward
     metrics: dict = {}
     done = start
     with loop.Reporter(s, max_steps, start) as rep:
@@ -113,7 +114,8 @@ def main(cfg: Config) -> dict:
             upd = rl.update(s, t, b, loss_fn, count, cfg, step, max_steps)
             clock.lap("update")
             m.update(upd, **clock.take(), **extra)
-            rep.count(len(b.texts) * d.world_size)
+            rep.count(len(b.texts) * d.world_size, *rl.step_work(b, d.world_size, forward, [(policy.config, True)],
+                                                                 cfg.ppo_epochs))
             done = step + 1
             metrics = rl.record(rep, watch, monitor, m, done, max_steps, t.model, ref, tokenizer, cfg, metrics)
             if loop.save_due(s, done, max_steps):

@@ -151,6 +151,9 @@ def main(cfg: Config) -> dict:
         vl, vst = clipped_value_loss(v[None], mb["values"][None], mb["returns"][None], one, cfg.value_clip)
         return pg + cfg.vf_coef * vl, {"pg_loss": pg.detach(), "vf_loss": vl.detach(), **st, **vst}
 
+    # generation, old and reference log-probs, reward, values; then the epochs train policy and value
+    forward = [(policy.config, True)] * 3 + rl.scorer_model(reward) + [(value.config, False)]
+    train_models = [(policy.config, True), (value.config, False)]
     metrics: dict = {}
     done = start
     with loop.Reporter(s, max_steps, start) as rep:
@@ -170,7 +173,8 @@ def main(cfg: Config) -> dict:
             clock.lap("update")
             m.update(upd, **clock.take(), beta=kl_ctl.value, **extra)
             kl_ctl.update(m["kl"], len(b.texts) * d.world_size)
-            rep.count(len(b.texts) * d.world_size)
+            rep.count(len(b.texts) * d.world_size, *rl.step_work(b, d.world_size, forward, train_models,
+                                                                 cfg.ppo_epochs))
             done = step + 1
             metrics = rl.record(rep, watch, monitor, m, done, max_steps, policy, ref, tokenizer, cfg, metrics)
             if loop.save_due(s, done, max_steps):

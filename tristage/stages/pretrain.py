@@ -33,7 +33,7 @@ import torch
 from tristage.config import parse
 from tristage.data.pretrain import TokenLoader, check_tokenizer, load_meta
 from tristage.flags.pretrain import Config
-from tristage.flops import flops_per_token, peak_flops
+from tristage.flops import flops_per_token
 from tristage.io import UserError
 from tristage.model.gpt import GPT, ModelConfig, build_model
 from tristage.model.hf import load_model
@@ -120,9 +120,8 @@ def main(cfg: Config) -> dict:
                              seed=cfg.seed + 1, mode="sequential")
     val_batches = [{"input_ids": x, "labels": y} for x, y in val_loader.val_batches(cfg.eval_batches)]
     start = loop.restore(s, t, loader)
-    tokens_seen = s.state["tokens_seen"] if s.state is not None else 0
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
-    peak = peak_flops(s.device, s.dtype) * d.world_size
+    step_flops = tokens_per_step * flops_per_token(mcfg, cfg.seq_len)  # PaLM's convention
     loop.announce(s, f"{loop.trained_params(model)[0] / 1e6:.2f}M params, {mcfg.num_hidden_layers} layers x "
                      f"{mcfg.hidden_size}, vocab {mcfg.vocab_size}, {tokens_per_step:,} tokens/step, {s.dtype}, "
                      f"device {s.device}, {d.world_size} process(es)")
@@ -134,15 +133,13 @@ def main(cfg: Config) -> dict:
             m = loop.train_step(s, t, micro, lambda mdl, b: (lm_loss_sum(mdl, b), {}), loop.target_count, step,
                                 cfg.max_steps)
             rep.watch(step + 1, m)
-            tokens_seen += tokens_per_step
-            rep.count(tokens_per_step)
+            rep.count(tokens_per_step, tokens_per_step, step_flops)
             done = step + 1
             if loop.due(done, cfg.log_every, cfg.max_steps):
                 tps = rep.rate()
-                mfu = tps * flops_per_token(mcfg, cfg.seq_len) / peak  # PaLM's convention
-                metrics = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens": tokens_seen,
-                           "tok_per_s": tps, "mfu": mfu}
-                rep.record(done, metrics, f"loss {m['loss']:.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
+                metrics = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], **rep.work(),
+                           "tok_per_s": tps}
+                rep.record(done, metrics, f"loss {m['loss']:.3f}  {tps:,.0f} tok/s  MFU {metrics['mfu']:.0%}")
             if loop.due(done, cfg.eval_every, cfg.max_steps):
                 vl = loop.evaluate_loss(t.wrapped, val_batches, s.device, s.dtype, d)
                 metrics.update(val_loss=vl, val_bpb=vl / math.log(2) / val_loader.bytes_per_token)
@@ -153,8 +150,7 @@ def main(cfg: Config) -> dict:
                 write_samples(model, tokenizer, cfg.sample_prompts, done, s.out / "samples.jsonl")
                 model.train()
             if loop.save_due(s, done, cfg.max_steps):
-                loop.save(s, t, tokenizer, done, metrics, loader, final=done == cfg.max_steps, parent=cfg.init_from,
-                          state={"tokens_seen": tokens_seen}, meta={"tokens": tokens_seen})
+                loop.save(s, t, tokenizer, done, metrics, loader, final=done == cfg.max_steps, parent=cfg.init_from)
             rep.advance(done)
             if loop.stop_due(s, done):
                 rep.print(f"stopped after step {done} (--stop-at); continue with --resume")

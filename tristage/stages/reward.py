@@ -192,11 +192,12 @@ def main(cfg: Config) -> dict:
             micro = [next(loader) for _ in range(cfg.grad_accum)]
             m = loop.train_step(s, t, micro, loss_fn, lambda b: b["num_pairs"], step, max_steps)
             rep.watch(step + 1, m)
-            rep.count(m["count"])
+            tokens, flops = loop.step_work(micro, model.config, d.world_size, lm_head=False)
+            rep.count(m["count"], tokens, flops)
             done = step + 1
             if loop.due(done, cfg.log_every, max_steps):
                 metrics = {k: m[k] for k in ("loss", "accuracy", "margin", "lr", "grad_norm")}
-                metrics["pairs_per_s"] = rep.rate()
+                metrics.update(pairs_per_s=rep.rate(), **rep.work())
                 rep.record(done, metrics, f"loss {m['loss']:.3f}  acc {m['accuracy']:.2f}")
             if val_batches and loop.due(done, cfg.eval_every, max_steps):
                 v = evaluate(t.wrapped, model, val_batches, s.device, s.dtype, d)

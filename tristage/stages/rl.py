@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from tristage.data.position import advance, resume_position
 from tristage.data.records import PromptRow, check_rendering, read_prompt_file, split_train_val
 from tristage.eval.judges import ScalarJudge, make_judge
+from tristage.flops import flops_per_token, forward_flops_per_token
 from tristage.io import UserError, write_json
 from tristage.model.hf import save_model
 from tristage.rollout import pad_id as pad_id_of
@@ -245,6 +246,19 @@ class Rollouts:
         return out
 
     pad: int = 0
+
+
+def step_work(b: Rollouts, world_size: int, forward: Sequence[tuple[Any, bool]], train: Sequence[tuple[Any, bool]],
+              epochs: int) -> tuple[int, float]:
+    """(tokens, model FLOPs) of one RL step on all processes (this process's times world_size): the rollouts' prompt
+    + answer tokens once through each `forward` model (generation counts as one pass of the policy, then the log-prob,
+    reward and value passes) and `epochs` training passes through each `train` model; models as (ModelConfig,
+    has an lm_head). PaLM's convention at the batch's mean sequence length; the held-out monitor is not counted."""
+    lengths = [len(p) + len(a) for p, a in zip(b.prompt_ids, b.answer_ids)]
+    tokens, seq = sum(lengths), round(statistics.fmean(lengths))
+    flops = sum(forward_flops_per_token(c, seq, lm_head) for c, lm_head in forward) + \
+        epochs * sum(flops_per_token(c, seq, lm_head=lm_head) for c, lm_head in train)
+    return tokens * world_size, tokens * flops * world_size
 
 
 class Clock:
@@ -509,7 +523,7 @@ def record(rep: loop.Reporter, watch: Watch, monitor: Monitor, m: dict[str, floa
     --eval-every steps. Returns the metrics to store with the next checkpoint."""
     watch.check(done, m)
     if loop.due(done, cfg.log_every, max_steps):
-        metrics = {**m, "answers_per_s": rep.rate()}
+        metrics = {**m, "answers_per_s": rep.rate(), **rep.work()}
         rep.record(done, metrics, f"reward {m['reward']:.3f}  KL {m['kl']:.2f}" +
                    (f"  gold {m['gold']:.3f}" if "gold" in m else ""))
     if loop.due(done, cfg.eval_every, max_steps):
@@ -524,6 +538,12 @@ def global_max(x: float, d: dist.Dist) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=d.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t.item())
+
+
+def scorer_model(judge: ScalarJudge) -> list[tuple[Any, bool]]:
+    """The model a scorer runs, as step_work's (config, lm_head) list: a reward model's; none for a function."""
+    rm = getattr(judge, "rm", None)
+    return [(rm.config, False)] if rm is not None else []
 
 
 def make_scorer(spec: str, s: loop.Session, max_len: int, flag: str) -> ScalarJudge:

@@ -88,10 +88,12 @@ def main(cfg: Config) -> dict:
             m = loop.train_step(s, t, micro, lambda mdl, b: (loop.lm_loss_sum(mdl, b), {}), loop.target_count,
                                 step, max_steps)
             rep.watch(step + 1, m)
-            rep.count(sum(int(b["num_tokens"]) for b in micro) * d.world_size)
+            tokens, flops = loop.step_work(micro, model.config, d.world_size)
+            rep.count(sum(int(b["num_tokens"]) for b in micro) * d.world_size, tokens, flops)
             done = step + 1
             if loop.due(done, cfg.log_every, max_steps):
                 metrics = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "real_tok_per_s": rep.rate(),
+                           **rep.work(),
                            "epoch": loader.epoch + loader.index / max(1, len(loader.plan(loader.epoch)))}
                 rep.record(done, metrics, f"loss {m['loss']:.3f}  {metrics['real_tok_per_s']:,.0f} tok/s")
             if val_batches and loop.due(done, cfg.eval_every, max_steps):

@@ -66,6 +66,7 @@ from tristage.flags.base import (  # noqa: F401 (re-exported: the Config bases o
     RunConfig,
     TrainConfig,
 )
+from tristage.flops import flops_per_token, peak_flops
 from tristage.io import UserError, check_writable, recover_folder
 from tristage.model.hf import config_from_hf, is_score_config, load_model, read_hf_config, save_model
 from tristage.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
@@ -95,6 +96,7 @@ class Session:
     out: Path
     ckpt: Path  # the checkpoint folder: out/model, or out/adapter with LoRA
     state: dict[str, Any] | None  # training_state.pt of the checkpoint being resumed, else None
+    tokens_seen: int = 0  # tokens processed so far, all processes (the Reporter counts; checkpoints keep it)
 
     @property
     def device(self) -> torch.device:
@@ -135,7 +137,7 @@ def start(cfg: Any, stage: str) -> Session:
         if held:
             raise UserError(f"--out {out} already holds a run ({held[0]}): continue it with --resume, start over "
                             "with --overwrite, or choose another --out")
-    return Session(cfg, stage, d, dtype, out, ckpt, state)
+    return Session(cfg, stage, d, dtype, out, ckpt, state, int((state or {}).get("tokens_seen", 0)))
 
 
 def read_training_state(ckpt: Path, lora: bool) -> dict[str, Any]:
@@ -266,6 +268,14 @@ def announce(s: Session, *lines: str) -> None:
             print(f"{s.stage}: {line}")
 
 
+def step_work(micro: Sequence[dict[str, Any]], cfg: Any, world_size: int, lm_head: bool = True) -> tuple[int, float]:
+    """(real tokens, training FLOPs) of one optimizer step's micro-batches on all processes (this process's times
+    world_size): each batch's num_inputs at the training FLOPs per token of its row length (PaLM's convention)."""
+    tokens = sum(b["num_inputs"] for b in micro)
+    flops = sum(b["num_inputs"] * flops_per_token(cfg, b["input_ids"].shape[1], lm_head=lm_head) for b in micro)
+    return tokens * world_size, flops * world_size
+
+
 def trained_params(model: nn.Module) -> tuple[int, int]:
     """(all parameters, trainable parameters)."""
     return (sum(p.numel() for p in model.parameters()),
@@ -381,11 +391,12 @@ def save(s: Session, t: Trainee, tokenizer: Any, step: int, metrics: dict[str, A
         raise Diverged(f"{s.stage}: {int(bad)} weights are NaN or inf after step {step}; stopping without writing a "
                        f"checkpoint from this state ({DIVERGED_HINT})")
     full = dist.full_state_dict(t.wrapped, s.d)  # collectives under FSDP: every rank calls both, in this order
-    training_state = {"step": step, **(state or {}), "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
+    training_state = {"step": step, "tokens_seen": s.tokens_seen, **(state or {}),
+                      "optimizer": dist.full_optim_state(t.wrapped, t.opt, s.d),
                       "loader": loader.state_dict(), "rng": rng_state()}
     if s.is_main:
-        info = {"stage": s.stage, "parent": parent, "step": step, **(meta or {}), "config": to_dict(s.cfg),
-                "metrics": metrics}
+        info = {"stage": s.stage, "parent": parent, "step": step, "tokens": s.tokens_seen, **(meta or {}),
+                "config": to_dict(s.cfg), "metrics": metrics}
         if s.lora:
 
             save_adapter(t.model, s.ckpt, base_model_path=s.cfg.model, training_state=training_state)
@@ -489,7 +500,10 @@ class Reporter:
         self.bar = progress(s.cfg.progress and s.is_main)
         self.task = self.bar.add_task(s.stage, total=total, completed=start, info="")
         self.is_main = s.is_main
-        self._t, self._n = time.perf_counter(), 0.0
+        self.s = s
+        self._t, self._n, self._flops = time.perf_counter(), 0.0, 0.0
+        self._mfu: float | None = None
+        self._peak_flops: float | None = None
         self._first: tuple[int, float, float] | None = None  # (step, loss, grad norm) of the first step run here
         self._warned: set[str] = set()
 
@@ -501,16 +515,30 @@ class Reporter:
         self.bar.__exit__(*exc)
         self.log.close()
 
-    def count(self, n: float) -> None:
-        """Add `n` units (tokens, pairs) to the throughput meter."""
+    def count(self, n: float, tokens: int = 0, flops: float = 0.0) -> None:
+        """Add `n` units (tokens, pairs, answers) to the throughput meter, and the `tokens` and model `flops` of the
+        work that processed them (all processes) to the run's token count and the MFU meter."""
         self._n += n
+        self._flops += flops
+        self.s.tokens_seen += tokens
 
     def rate(self) -> float:
-        """Units per second since the last call (or the start); resets the meter."""
+        """Units per second since the last call (or the start); resets the meter. `work()` then gives the tokens so
+        far and the MFU over the same interval."""
         now = time.perf_counter()
-        r = self._n / max(now - self._t, 1e-9)
-        self._t, self._n = now, 0.0
+        dt = max(now - self._t, 1e-9)
+        r, self._mfu = self._n / dt, (self._flops / dt / self._peak() if self._flops else None)
+        self._t, self._n, self._flops = now, 0.0, 0.0
         return r
+
+    def work(self) -> dict[str, Any]:
+        """{"tokens": processed so far, "mfu": over the last `rate()` interval (when FLOPs were counted)}."""
+        return {"tokens": self.s.tokens_seen, **({"mfu": self._mfu} if self._mfu is not None else {})}
+
+    def _peak(self) -> float:
+        if self._peak_flops is None:
+            self._peak_flops = peak_flops(self.s.device, self.s.dtype) * self.s.d.world_size
+        return self._peak_flops
 
     def record(self, step: int, metrics: dict[str, Any], info: str | None = None) -> None:
         """Append metrics to metrics.jsonl; `info` replaces the text beside the progress bar."""
