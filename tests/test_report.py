@@ -40,7 +40,7 @@ def test_the_report_is_rebuilt_from_the_folder_alone(run, capsys):
         tokens, mfu, memory = cells[4], cells[6], cells[7]
         assert re.fullmatch(r"[0-9,]+", tokens) and int(tokens.replace(",", "")) > 0, (name, cells)
         assert re.fullmatch(r"[0-9.]+%", mfu) and 0 < float(mfu[:-1]) < 100, (name, cells)
-        assert re.fullmatch(r"[0-9,]+ MB \(\+[0-9,-]+\)", memory), (name, cells)
+        assert re.fullmatch(r"[0-9,]+ MB \([+-][0-9,]+\)", memory), (name, cells)
     # one self-contained file: every image inline, nothing fetched from elsewhere
     images = re.findall(r"<img [^>]*src='([^']*)'", page)
     assert len(images) == md.count("![") >= 5 and all(s.startswith("data:image/png;base64,") for s in images)
