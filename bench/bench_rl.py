@@ -71,9 +71,11 @@ TRAINERS = {
     "trl_ppo": ("TRL PPOTrainer 0.29.1", "fp32 (bf16=False)"),
     "trl_ppo_bf16": ("TRL PPOTrainer 0.29.1", "bf16=True (CPU autocast; TRL's default)"),
     "ours_ppo": ("tristage ppo", "fp32 (--dtype float32)"),
+    "ours_ppo_bf16": ("tristage ppo", "bf16 autocast (--dtype auto, its default: bfloat16 on this CPU)"),
     "trl_grpo": ("TRL GRPOTrainer 1.16", "fp32 (bf16=False), transformers generate"),
     "trl_grpo_bf16": ("TRL GRPOTrainer 1.16", "bf16=True (CPU autocast; TRL's default), transformers generate"),
     "ours_grpo": ("tristage grpo", "fp32 (--dtype float32)"),
+    "ours_grpo_bf16": ("tristage grpo", "bf16 autocast (--dtype auto, its default: bfloat16 on this CPU)"),
 }
 ORDER = list(TRAINERS)
 
@@ -284,7 +286,7 @@ def worker_ours(work: Path, name: str, steps: int, rec: dict) -> None:
     loop.Reporter.__enter__ = entered
     common = dict(prompts=[str(work / "prompts.jsonl")], val_prompts=[str(work / "val.jsonl")], eval_prompts=N_VAL,
                   out=str(work / name), max_new_tokens=MAX_NEW, max_steps=steps, eval_every=0, save_every=0,
-                  log_every=1, progress=False, seed=0, device="cpu", dtype="float32", overwrite=True)
+                  log_every=1, progress=False, seed=0, device="cpu", dtype=dtype_of(name), overwrite=True)
     if stage is ppo:
         ppo.main(ppo.Config(model=str(work / "policy"), reward=str(work / "rm"), value_model=str(work / "vm"),
                             batch_size=PPO["batch"], ppo_epochs=PPO["epochs"], num_minibatches=PPO["minibatches"],
@@ -304,10 +306,15 @@ def worker_ours(work: Path, name: str, steps: int, rec: dict) -> None:
     rec["settings"] = {"cmd": ours_command(name, steps)}
 
 
+def dtype_of(name: str) -> str:
+    """tristage's --dtype for a trainer: float32, or its default (auto: bf16 where the CPU computes it natively)."""
+    return "auto" if name.endswith("bf16") else "float32"
+
+
 def ours_command(name: str, steps: int) -> str:
     common = (f"--prompts prompts.jsonl --val-prompts val.jsonl --eval-prompts {N_VAL} --max-new-tokens {MAX_NEW} "
               f"--max-steps {steps} --eval-every 0 --save-every 0 --log-every 1 --no-progress --seed 0 --device cpu "
-              f"--dtype float32")
+              f"--dtype {dtype_of(name)}")
     if is_ppo(name):
         return (f"tristage ppo policy --reward rm --value-model vm --batch-size {PPO['batch']} --ppo-epochs "
                 f"{PPO['epochs']} --num-minibatches {PPO['minibatches']} --missing-eos-penalty "
@@ -425,16 +432,17 @@ def split_text(r: dict, name: str) -> str:
 
 
 def section(kind: str, a: argparse.Namespace, facts: dict, res: dict[str, dict], load: str) -> tuple[str, float]:
-    trl_fp32, ours = f"trl_{kind}", f"ours_{kind}"
-    trl = best(res, trl_fp32)
+    trl_fp32, ours_fp32 = f"trl_{kind}", f"ours_{kind}"
+    trl, ours = best(res, trl_fp32), best(res, ours_fp32)
     r_o, r_t = res[ours], res[trl]
     ratio = r_o["opt_s"] / r_t["opt_s"]
-    fp = r_o["opt_s"] / res[trl_fp32]["opt_s"]
+    fp = res[ours_fp32]["opt_s"] / res[trl_fp32]["opt_s"]
     unit = "updates/s" if kind == "ppo" else "steps/s"
     comps, opt = per_batch(ours)
     steps = a.ppo_steps if kind == "ppo" else a.grpo_steps
-    lines = [f"**{ratio:.2f}x** TRL's optimizer steps per second (tristage {kind} {r_o['opt_s']:.2f} vs "
-             f"{TRAINERS[trl][0]} {r_t['opt_s']:.2f}, {TRAINERS[trl][1]}; fp32 against fp32: {fp:.2f}x). "
+    lines = [f"**{ratio:.2f}x** TRL's optimizer steps per second (tristage {kind} {r_o['opt_s']:.2f}, "
+             f"{TRAINERS[ours][1]}, vs {TRAINERS[trl][0]} {r_t['opt_s']:.2f}, {TRAINERS[trl][1]}; each side at its "
+             f"faster precision; fp32 against fp32: {fp:.2f}x). "
              f"Target >= 2x: **{'Met' if ratio >= 2 else 'Not met'}**.", "",
              f"Date: {a.date}. Command: `{' '.join(['.venv/bin/python bench/bench_rl.py', a.argv]).strip()}`.", ""]
     if kind == "ppo":
@@ -503,7 +511,7 @@ def section(kind: str, a: argparse.Namespace, facts: dict, res: dict[str, dict],
               f"| trainer | settings | {unit} | rollout batches/s | s/batch | completions/s | generated tokens/s | "
               f"mean completion length | ended their turn | peak RSS | end to end | process | {unit} vs TRL's faster |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in (trl_fp32, trl_fp32 + "_bf16", ours):
+    for name in (trl_fp32, trl_fp32 + "_bf16", ours_fp32, ours_fp32 + "_bf16"):
         if name not in res:
             continue
         r = res[name]
@@ -530,7 +538,7 @@ def section(kind: str, a: argparse.Namespace, facts: dict, res: dict[str, dict],
     trl_gen = (res[trl].get("split") or {}).get("generate")
     lines += [f"Where tristage's time goes (medians per rollout batch, from metrics.jsonl's time_* fields; the "
               f"update split by wrapping its functions): {split_text(r_o, ours)}."]
-    g = (res.get("ours_grpo") or {}).get("split") or {}
+    g = (res.get(best(res, "ours_grpo")) or {}).get("split") or {}
     p = (r_o.get("split") or {}).get("sub_optimizer_steps")
     if kind == "ppo" and p and g.get("sub_optimizer_steps"):
         lines.append(f"A PPO optimizer step (policy and value model, forward and backward, {comps} completions) takes "
@@ -540,7 +548,7 @@ def section(kind: str, a: argparse.Namespace, facts: dict, res: dict[str, dict],
         lines.append(f"TRL's transformers `generate` takes {trl_gen * 1e3:.0f} ms of its {r_t['s_batch'] * 1e3:.0f} ms "
                      f"per batch ({trl_gen / r_t['s_batch']:.0%}).")
     lines += ["", "Every run (trainer: optimizer steps/s, s per batch, mean length, peak RSS, process wall, other jobs' CPU):"]
-    for name in (trl_fp32, trl_fp32 + "_bf16", ours):
+    for name in (trl_fp32, trl_fp32 + "_bf16", ours_fp32, ours_fp32 + "_bf16"):
         if name not in res:
             continue
         parts = [f"{'' if r['clean'] else '(disturbed) '}{r['opt_s']:.2f}, {r['s_batch']:.3f} s, {r['len']:.1f}, "
