@@ -106,8 +106,8 @@ def main(cfg: Config) -> dict:
             clock.lap("other")
             rows = next(loader)
             b = rl.collect(policy, ref, tokenizer, stops, rows, k, step, d.rank * cfg.batch_size * k, cfg, s, clock)
-            rewards = rl.score(reward, b.messages, b.texts, k)
-            golds = rl.score(gold, b.messages, b.texts, k) if gold is not None else None
+            rewards = rl.score(reward, b.messages, b.texts, k, s)
+            golds = rl.score(gold, b.messages, b.texts, k, s) if gold is not None else None
             clock.lap("score")
             extra = advantages(b, rewards, k, cfg, s)
             m = rl.batch_stats(b, d, kl_estimate(b.old_logp, b.ref_logp, "k1"), rewards, golds)

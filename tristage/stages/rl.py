@@ -303,11 +303,14 @@ def collect(policy: nn.Module, ref: nn.Module | None, tokenizer: Any, stop_ids: 
                     [x.finish_reason == "stop" for _, x in flat], built, old, ref_lp, ent, pad=pad)  # type: ignore
 
 
-def score(judge: ScalarJudge, messages: Sequence[Messages], texts: Sequence[str], k: int) -> list[float]:
-    """The judge's score of every answer (k adjacent answers per prompt), flat."""
+def score(judge: ScalarJudge, messages: Sequence[Messages], texts: Sequence[str], k: int, s: loop.Session
+          ) -> list[float]:
+    """The judge's score of every answer (k adjacent answers per prompt), flat; a reward model runs under the
+    training precision's autocast (its weights stay fp32), as the policy's and reference's passes do."""
     prompts = [messages[i] for i in range(0, len(messages), k)]
     groups = [list(texts[i:i + k]) for i in range(0, len(texts), k)]
-    return [x for g in judge.scores(prompts, groups) for x in g]
+    with torch.no_grad(), autocast(s.device, s.dtype):
+        return [float(x) for g in judge.scores(prompts, groups) for x in g]
 
 
 def global_mean_var(x: Tensor, d: dist.Dist) -> tuple[Tensor, Tensor]:
@@ -398,8 +401,8 @@ class Monitor:
         if not self.val:
             return {}
         b = collect(policy, ref, self.tokenizer, self.stop_ids, self.val, 1, 10**9, 0, self.cfg, self.s)
-        r = score(self.reward, b.messages, b.texts, 1)
-        g = score(self.gold, b.messages, b.texts, 1) if self.gold is not None else None
+        r = score(self.reward, b.messages, b.texts, 1, self.s)
+        g = score(self.gold, b.messages, b.texts, 1, self.s) if self.gold is not None else None
         kl = b.old_logp - b.ref_logp if b.ref_logp is not None else torch.zeros_like(b.old_logp)
         kl_seq = torch.zeros(len(b.texts), device=kl.device).index_add(0, b.rows.row, kl.float())
         out = {"eval_reward": statistics.fmean(r), "eval_reward_stderr": stderr(r), "eval_kl": float(kl_seq.mean()),
