@@ -21,7 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from tristage.cli import main as cli_main  # noqa: E402
 from tristage.rollout import load_chat_model  # noqa: E402
 from tristage.serve.detok import response_text  # noqa: E402
-from tristage.serve.engine import Engine, SamplingParams  # noqa: E402
+from tristage.serve.engine import Engine, Request, SamplingParams  # noqa: E402
 from tristage.serve.hub import Hub, HubError, StopMatcher  # noqa: E402
 from tristage.serve.server import create_app, serve_in_thread  # noqa: E402
 
@@ -244,25 +244,46 @@ def test_bad_text_completions_and_the_server_stays_up(server, client):
     assert chat(client, max_tokens=2).usage.completion_tokens == 2  # still serving
 
 
-def test_an_engine_failure_fails_its_requests_only(server, client, monkeypatch):
+def break_engine(hub: Hub, name: str) -> object:
+    """Send the engine a request the hub would refuse (a token id past the vocabulary): its prefill raises inside a
+    step, in the engine process, which fails every request then in the batch. -> what that request got."""
+    async def go():
+        sink = hub.batchers[name].submit([Request(("bad", time.monotonic()), [10 ** 6], SamplingParams(2))])
+        return await asyncio.wait_for(sink.get(), 30)
+
+    return asyncio.run(go())
+
+
+def wait_running(hub: Hub, name: str, rows: int, timeout: float = 10.0) -> None:
+    start = time.monotonic()
+    while hub.batchers[name].running != rows:
+        assert time.monotonic() - start < timeout, f"{name} never had {rows} rows running"
+        time.sleep(0.005)
+
+
+def test_an_engine_failure_fails_its_requests_only(server, client):
     url, hub = server
-    batch = hub.batchers["b"].batch
-    real, fail = batch.step, [True, True]
+    long = {"model": "b", "messages": HI, "max_tokens": CONTEXT - 100, "temperature": 0}
+    failed: list = []
 
-    def step():
-        if fail:
-            fail.pop()
-            raise RuntimeError("boom")
-        return real()
+    def whole() -> None:
+        try:
+            client.chat.completions.create(**long)
+        except openai.InternalServerError as e:
+            failed.append(e.body["type"])
 
-    monkeypatch.setattr(batch, "step", step)
-    with pytest.raises(openai.InternalServerError) as e:
-        client.chat.completions.create(model="b", messages=HI, max_tokens=5)
-    assert e.value.body["type"] == "server_error"
-    body = {"model": "b", "messages": HI, "max_tokens": 5, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body,
+    t = threading.Thread(target=whole)
+    t.start()
+    wait_running(hub, "b", 1)
+    assert isinstance(break_engine(hub, "b"), IndexError)
+    t.join(timeout=30)
+    assert failed == ["server_error"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**long, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
-        events = [line for line in resp.iter_lines() if line]
+        lines = resp.iter_lines()
+        events = [next(x for x in lines if x)]  # the stream has begun
+        assert isinstance(break_engine(hub, "b"), IndexError)
+        events += [line for line in lines if line]
     assert resp.status_code == 200 and json.loads(events[-1][6:])["error"]["type"] == "server_error"
     assert client.chat.completions.create(model="b", messages=HI, max_tokens=5).usage.completion_tokens == 5
 

@@ -469,7 +469,7 @@ class ContinuousBatch:
     a hole that the next joiner reuses; holes still ride along in the decode forward (as the engine's finished
     rows do), so once a quarter of the rows are holes and nobody waits, the cache is compacted (one copy).
     The cache grows on demand (rows up to max_rows, slots doubling up to max_position_embeddings), so an idle
-    server holds little memory. Not thread-safe: one thread drives it (tristage/serve/batcher.py).
+    server holds little memory. Not thread-safe: one loop drives it (the engine process, tristage/serve/batcher.py).
     """
 
     def __init__(self, model: GPT, *, max_rows: int = 32, max_prefill_tokens: int = 8192,
@@ -563,12 +563,12 @@ class ContinuousBatch:
         """Prefill as many waiting requests as there are rows (and prefill budget) for: -> their rows, logits."""
         free = [r for r, row in enumerate(self.rows) if row is None]
         room = len(free) + self.max_rows - len(self.rows)
-        take: list[Request] = []
-        while self.waiting and len(take) < room:
-            T = max(len(q.prompt) for q in [*take, self.waiting[0]])
+        take: list[Request] = []  # the first waiting requests; they leave `waiting` once prefilled (a failed
+        while len(take) < min(room, len(self.waiting)):  # prefill leaves them there, for `reset` to name them)
+            T = max(len(q.prompt) for q in [*take, self.waiting[len(take)]])
             if take and T * (len(take) + 1) > self.max_prefill_tokens:
                 break
-            take.append(self.waiting.pop(0))
+            take.append(self.waiting[len(take)])
         if not take:
             return [], None
         need = len(take) - len(free)
@@ -593,6 +593,7 @@ class ContinuousBatch:
             self.ks[layer][idx, :, :T] = cache.k[layer]
             self.vs[layer][idx, :, :T] = cache.v[layer]
         self.lens[idx] = torch.tensor(lens, device=self.dev)
+        del self.waiting[: len(take)]
         for r, q in zip(rows, take):
             self.rows[r] = _Row(q, min(q.params.max_new_tokens, self.context - len(q.prompt)),
                                 frozenset(q.params.stop_ids))

@@ -10,7 +10,7 @@
 Choices, and why:
 - Models are named as `tristage arena` names them: NAME=PATH, or the folder's name (its parent's for a folder
   called `model`, as `runs/x/model`); two models with one name are refused.
-- Each model has its own engine thread (`Batcher`, continuous batching); the hub turns its tokens into text. Text
+- Each model has its own engine process (`Batcher`, continuous batching); the hub turns its tokens into text. Text
   is detokenized here, on the event loop, with the streaming decoder the terminal chat uses (whole characters
   only; special tokens and the end-of-turn token left out).
 - Stop strings are matched on the text: text that could be the start of a stop string is held back until it is
@@ -130,6 +130,8 @@ class Hub:
     def __init__(self, models: dict[str, ChatModel], *, max_batch: int = 32):
         self.models = models
         self.batchers = {name: Batcher(m.model, max_rows=max_batch, name=name) for name, m in models.items()}
+        for b in self.batchers.values():  # the engine processes start together; serving begins once all can decode
+            b.wait_ready()
         self._ids = itertools.count()
 
     @classmethod
