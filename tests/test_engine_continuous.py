@@ -1,6 +1,7 @@
 """Continuous batching (engine.ContinuousBatch): requests that join a running batch at different steps, with
 different prompt lengths and max_new_tokens, get exactly what they get alone; sampled rows depend on their own seed
-only; cancelled rows leave and their rows are reused; holes are compacted; the cache grows on demand."""
+only; cancelled rows leave and their rows are reused; holes are compacted; the cache grows on demand; linear layers
+packed for oneDNN (serve/packed.py) give the same answers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from tristage.model.gpt import ModelConfig, build_model
 from tristage.serve.engine import ContinuousBatch, Engine, Request, SamplingParams, filter_logits, sample_rows
+from tristage.serve.packed import PackedLinear, packed
 
 V = 67
 
@@ -130,3 +132,36 @@ def test_sample_rows_filters_like_filter_logits():
         for r in range(1, 4):
             ref = filter_logits(logits[r:r + 1] / temp[r], int(top_k[r]), float(top_p[r]))
             assert tok[r] == (ref.softmax(-1) / noise[r]).argmax(-1)[0]
+
+
+def packed_everywhere(model):
+    """`packed(model)` with every layer on the packed path (a tiny model would keep the plain call at few rows)."""
+    fast = packed(model)
+    if fast is model:
+        pytest.skip("no oneDNN in this torch build")
+    for m in [*fast.modules(), fast.logits]:
+        if isinstance(m, PackedLinear):
+            m.min_rows = 1
+    return fast
+
+
+def test_packed_linears_equal_the_model_and_leave_it_unchanged(model):
+    fast = packed_everywhere(model)
+    assert fast is not model and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert fast.model.layers[0].mlp.up_proj.weight is model.model.layers[0].mlp.up_proj.weight  # shared, not copied
+    ids = torch.tensor(prompts_of([7, 7], seed=3))
+    with torch.inference_mode():
+        assert torch.allclose(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_rows_on_packed_linears_equal_each_alone(model):
+    prompts, max_new = prompts_of([5, 12, 1, 30]), [20, 9, 33, 14]
+    alone = [Engine(model).generate([p], SamplingParams(max_new_tokens=m, temperature=0))[0].tokens
+             for p, m in zip(prompts, max_new)]
+    batch = ContinuousBatch(model)
+    batch.model = packed_everywhere(model)
+    got = run(batch, {0: [Request(i, p, SamplingParams(max_new_tokens=m, temperature=0))
+                          for i, (p, m) in enumerate(zip(prompts[:2], max_new[:2]))],
+                      5: [Request(i + 2, p, SamplingParams(max_new_tokens=m, temperature=0))
+                          for i, (p, m) in enumerate(zip(prompts[2:], max_new[2:]))]})
+    assert [got[i][0] for i in range(4)] == alone

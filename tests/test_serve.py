@@ -281,7 +281,8 @@ def test_an_engine_failure_fails_its_requests_only(server, client):
     with httpx.stream("POST", url + "/v1/chat/completions", json={**long, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
         lines = resp.iter_lines()
-        events = [next(x for x in lines if x)]  # the stream has begun
+        events = [next(x for x in lines if x)]  # the stream has begun (its role chunk)
+        wait_running(hub, "b", 1)  # and its row decodes
         assert isinstance(break_engine(hub, "b"), IndexError)
         events += [line for line in lines if line]
     assert resp.status_code == 200 and json.loads(events[-1][6:])["error"]["type"] == "server_error"

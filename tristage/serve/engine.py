@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from tristage.model.gpt import GPT, KVCache
+from tristage.serve.packed import packed
 
 
 @dataclass
@@ -474,7 +475,7 @@ class ContinuousBatch:
 
     def __init__(self, model: GPT, *, max_rows: int = 32, max_prefill_tokens: int = 8192,
                  compact_at: float = 0.25):
-        self.model = model
+        self.model = packed(model)  # on a CPU: its linear layers on oneDNN with packed weights (serve/packed.py)
         self.max_rows, self.max_prefill_tokens, self.compact_at = max_rows, max_prefill_tokens, compact_at
         cfg = model.config
         self.context = cfg.max_position_embeddings
