@@ -16,7 +16,8 @@ Reported per server and level: time to first token (TTFT) and time per output to
 p50 / p90 / p99 over requests, inter-token gaps p99, total output tokens per second (all tokens / wall time), and
 errors (HTTP errors, broken streams, answers whose token count is not max_tokens). One server runs at a time, after
 an untimed warm-up; the client is a minimal asyncio HTTP/1.1 reader, so its own CPU cost stays small (it is
-reported, with the CPU time other processes took during the run: the machine has 2 shared cores).
+reported, with the CPU time other processes took during the run: the machine has 2 shared cores; a server's
+CPU time counts the processes it started, as tristage serve's engine processes).
 Writes the "## Serving" section of bench/RESULTS.md (unless --no-write).
 """
 
@@ -157,12 +158,19 @@ def free_port() -> int:
 
 
 def proc_cpu(pid: int) -> float:
-    """CPU-seconds of a process and its threads (children are not counted: the servers are one process)."""
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError):
-        return 0.0
+    """CPU-seconds of a process, its threads and the processes under it (tristage serve's engines are processes)."""
+    ppid, cpu = {}, {}
+    for d in Path("/proc").iterdir():
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            ppid[int(d.name)], cpu[int(d.name)] = int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = set(), [pid]
+    while todo:
+        tree.add(p := todo.pop())
+        todo += [c for c, pp in ppid.items() if pp == p and c not in tree]
+    return sum(cpu.get(p, 0.0) for p in tree)
 
 
 def start(kind: str, folder: Path, port: int, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
