@@ -16,6 +16,7 @@ Choices, and why:
   CPU per token 0.84-1.13 ms, then 0.79-0.86); the HTTP side (0.1 ms of CPU per token) runs beside it.
 - The weights are moved to shared memory (torch.multiprocessing) and the process maps them: no second copy of the
   model (on a GPU, CUDA's IPC shares them; other devices' tensors cannot be shared, so the process gets a copy).
+  Where /dev/shm has no room for them (a container's default is 64 MB) the server says so and does not start.
   The process is spawned, not forked (a fork of a process with threads and OpenMP state can deadlock), so
   a program that embeds the server needs the usual `if __name__ == "__main__":` guard. Its torch threads are
   `threads` (default: the parent's torch threads, which `tristage serve --threads` sets).
@@ -37,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import pickle
+import shutil
 import signal
 import threading
 from collections.abc import Sequence
@@ -46,6 +49,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.multiprocessing as mp
 
+from tristage.io import UserError
 from tristage.model.gpt import GPT
 from tristage.serve.engine import ContinuousBatch, Request, Token
 
@@ -64,6 +68,7 @@ class Batcher:
         device = model.rope_cos.device
         if device.type not in ("cpu", "cuda"):  # tensors there cannot be shared: the process gets a CPU copy
             model = copy.deepcopy(model).cpu()
+        _check_shared_memory(model, name)
         model.share_memory()  # what pickling to the process would do anyway; said here
         self.proc = ctx.Process(target=_engine_process, name=f"engine-{name}", daemon=True,
                                 args=(model, device, max_rows, threads or torch.get_num_threads(), child))
@@ -158,6 +163,17 @@ class Batcher:
         if not self.closing:
             log.error("the engine process of model %r exited (code %s)", self.name, self.proc.exitcode)
         self._deliver([(k, EngineGone(f"the engine process of model {self.name!r} has exited")) for k in keys])
+
+
+def _check_shared_memory(model: GPT, name: str) -> None:
+    """A UserError when the weights cannot fit in /dev/shm (a container's default is 64 MB): filling it would kill
+    the server with a bus error rather than an exception."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu" and not t.is_shared()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    if need and os.path.isdir("/dev/shm") and need > (free := shutil.disk_usage("/dev/shm").free):
+        raise UserError(f"model {name!r}: its engine process maps the weights from shared memory, which needs "
+                        f"{need / 2**20:.0f} MiB in /dev/shm and {free / 2**20:.0f} MiB are free; give it room "
+                        "(docker run --shm-size=...)")
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Token | Exception]]) -> None:
