@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import os
 import pickle
@@ -96,7 +97,7 @@ class Batcher:
             gone = self.gone
             if not gone:
                 self.sinks.update((q.key, (loop, tokens)) for q in reqs)
-        if gone or not self._send(("add", list(reqs))):
+        if gone or not self._send(("add", [_by_pipe(q) for q in reqs])):
             for _ in reqs:
                 tokens.put_nowait(EngineGone(f"the engine process of model {self.name!r} has exited"))
         return tokens
@@ -176,6 +177,14 @@ def _check_shared_memory(model: GPT, name: str) -> None:
                         "(docker run --shm-size=...)")
 
 
+def _by_pipe(q: Request) -> tuple[Request, bytes | None]:
+    """A request as the pipe carries it: its generator's state as bytes (pickled, a generator's state tensor would
+    go through a shared-memory file and a file descriptor per request), none for a greedy one (it draws nothing)."""
+    g = q.generator
+    state = bytes(g.get_state().numpy()) if g is not None and q.params.temperature > 0 else None
+    return dataclasses.replace(q, generator=None), state
+
+
 def _put_all(items: list[tuple[asyncio.Queue, Token | Exception]]) -> None:
     for sink, item in items:
         sink.put_nowait(item)
@@ -198,7 +207,10 @@ def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: in
                 if cmd[0] == "close":
                     return
                 if cmd[0] == "add":
-                    for q in cmd[1]:
+                    for q, state in cmd[1]:
+                        if state is not None:
+                            q.generator = torch.Generator(device)
+                            q.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
                         try:
                             batch.add(q)
                         except ValueError as e:
