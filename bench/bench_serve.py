@@ -1,7 +1,7 @@
 """Serving under load: `tristage serve` against `transformers serve --continuous-batching` on the same model folder,
 the same requests, in the same run.
 
-    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 3] [--no-write]
+    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 3] [--rounds 3] [--no-write]
 
 The model: a random Llama (vocab 4096 byte-level BPE trained on this repository's text, hidden 256, 6 layers, 8
 heads, 4 KV heads, intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder; both
@@ -15,7 +15,8 @@ each server with its defaults, and both with OMP_NUM_THREADS=1 (one torch thread
 Reported per server and level: time to first token (TTFT) and time per output token after the first (TPOT) as
 p50 / p90 / p99 over requests, inter-token gaps p99, total output tokens per second (all tokens / wall time), and
 errors (HTTP errors, broken streams, answers whose token count is not max_tokens). One server runs at a time, after
-an untimed warm-up; the client is a minimal asyncio HTTP/1.1 reader, so its own CPU cost stays small (it is
+an untimed warm-up, --rounds times per configuration, the two taking turns; each level reports its median round
+(the shared machine's speed drifts from run to run, by 20% and more, for both servers alike); the client is a minimal asyncio HTTP/1.1 reader, so its own CPU cost stays small (it is
 reported, with the CPU time other processes took during the run: the machine has 2 shared cores; a server's
 CPU time counts the processes it started, as tristage serve's engine processes).
 Writes the "## Serving" section of bench/RESULTS.md (unless --no-write).
@@ -248,6 +249,17 @@ def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp:
     return out
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """Per level, the round with the median output tokens/s (the lower middle of an even count), with every
+    round's tokens/s under "rounds" and every round's errors counted under "errors_all"."""
+    out = {}
+    for n in rounds[0]:
+        by_speed = sorted((r[n] for r in rounds), key=lambda s: s["tok_s"])
+        out[n] = {**by_speed[(len(by_speed) - 1) // 2], "rounds": [r[n]["tok_s"] for r in rounds],
+                  "errors_all": sum(r[n]["errors"] for r in rounds)}
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
     top = max(args.clients)
@@ -258,7 +270,7 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
     def cpu_ms(s: dict) -> float:
         return s["server_cpu"] / s["tok_s"] * 1e3
 
-    errs = sum(s["errors"] for c in res.values() for k in c.values() for s in k.values())
+    errs = sum(s["errors_all"] for c in res.values() for k in c.values() for s in k.values())  # every round's
     import torch
     import transformers
 
@@ -271,14 +283,17 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
                  f"({o['tristage'][top]['tok_s']:.0f} vs {o['transformers'][top]['tok_s']:.0f} tok/s)")
     lines = [head + f"; {errs} errors in all; same model folder, same requests, same run.", "",
              "```", f".venv/bin/python bench/bench_serve.py --clients {' '.join(map(str, args.clients))} "
-             f"--requests-per-client {args.requests_per_client}", "```", "",
+             f"--requests-per-client {args.requests_per_client} --rounds {args.rounds}", "```", "",
              "Settings: a random Llama (byte-level BPE vocab 4096, hidden 256, 6 layers, 8 heads / 4 KV heads, "
              "intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder, loaded by "
              "both servers; its special (end-of-turn too) and non-ASCII tokens have logit 0, so every greedy answer "
              "runs to max_tokens (the token counts are checked: a stream with another count is an error). Streaming "
              "chat completions, greedy, user messages of 8-64 words, max_tokens 32-128, the same requests in the same "
              f"order to both; N clients each send their next request when the last ends, max(6, {args.requests_per_client}"
-             " x N) requests per level. `tristage serve bench=MODEL` (defaults: --max-batch 32, fp32, CPU; the "
+             f" x N) requests per level. Each server ran {args.rounds} time(s) per configuration, the two taking "
+             "turns; each row is the level's median round by tokens/s (the machine's speed drifts between runs, for "
+             "both servers), and the ratios are of those medians. `tristage serve bench=MODEL` (defaults: --max-batch "
+             "32, fp32, CPU; the "
              "engine runs in a process of its own with torch threads = CPUs - 1 = 1 here, beside the HTTP process) "
              "and `transformers serve --continuous-batching --device cpu --dtype "
              f"float32 MODEL` (transformers {transformers.__version__}; its defaults otherwise: torch's threads, 2 "
@@ -290,13 +305,14 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
              f"Machine: 2 vCPU shared with other jobs, torch {torch.__version__}, no GPU; share of both cores "
              f"busy just before the run: {load_before:.0%}. The cores columns are CPU-seconds per second of the "
              "run: the server, this bench's client, and every other process on the machine (other jobs' load).", "",
-             "| config | server | clients | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | "
-             "gap p99 (ms) | errors | CPU / token (ms) | cores: server / client / others |",
-             "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
+             "| config | server | clients | tok/s | tok/s of each round | TTFT p50 / p90 / p99 (ms) | "
+             "TPOT p50 / p90 / p99 (ms) | gap p99 (ms) | errors | CPU / token (ms) | cores: server / client / others |",
+             "|---|---|---:|---:|---|---|---|---:|---:|---:|---|"]
     for config, by_kind in res.items():
         for kind in ("tristage", "transformers"):
             for n, s in by_kind[kind].items():
-                lines.append(f"| {config} | {kind} | {n} | {s['tok_s']:.1f} | {s['ttft_p50'] * 1e3:.0f} / "
+                lines.append(f"| {config} | {kind} | {n} | {s['tok_s']:.1f} | "
+                             f"{' / '.join(f'{x:.0f}' for x in s['rounds'])} | {s['ttft_p50'] * 1e3:.0f} / "
                              f"{s['ttft_p90'] * 1e3:.0f} / {s['ttft_p99'] * 1e3:.0f} | {s['tpot_p50'] * 1e3:.1f} / "
                              f"{s['tpot_p90'] * 1e3:.1f} / {s['tpot_p99'] * 1e3:.1f} | {s['gap_p99'] * 1e3:.1f} | "
                              f"{s['errors']} | {cpu_ms(s):.2f} | {s['server_cpu']:.2f} / {s['client_cpu']:.2f} / "
@@ -335,14 +351,20 @@ def main() -> int:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--servers", nargs="+", default=["tristage", "transformers"])
     ap.add_argument("--configs", nargs="+", default=["defaults", "one-thread"], choices=["defaults", "one-thread"])
+    ap.add_argument("--rounds", type=int, default=3, help="each server this many times per configuration, taking "
+                    "turns; each level reports its median round (the machine's speed drifts between runs)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     folder = build_model(tmp)
     print(f"model folder {folder}; waiting for quiet CPUs", flush=True)
     load_before = wait_quiet(60)
-    res = {config: {kind: run_server(kind, folder, args.clients, args.requests_per_client, tmp, config)
-                    for kind in args.servers} for config in args.configs}
+    runs: dict = {config: {kind: [] for kind in args.servers} for config in args.configs}
+    for config in args.configs:
+        for _ in range(args.rounds):  # the servers take turns, so a drift in the machine's speed reaches both
+            for kind in args.servers:
+                runs[config][kind].append(run_server(kind, folder, args.clients, args.requests_per_client, tmp, config))
+    res = {config: {kind: median_round(rounds) for kind, rounds in by_kind.items()} for config, by_kind in runs.items()}
     if not args.no_write and set(args.servers) == {"tristage", "transformers"} and "defaults" in res:
         write_section("Serving", report(res, args, load_before))
         print("wrote the Serving section of bench/RESULTS.md")
