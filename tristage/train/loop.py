@@ -525,6 +525,10 @@ class Reporter:
     def rate(self) -> float:
         """Units per second since the last call (or the start); resets the meter. `work()` then gives the tokens so
         far and the MFU over the same interval."""
+        if self._flops and self._peak_flops is None:  # measured once (on a CPU); its time is not the run's
+            t = time.perf_counter()
+            self._peak()
+            self._t += time.perf_counter() - t
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
         r, self._mfu = self._n / dt, (self._flops / dt / self._peak() if self._flops else None)
