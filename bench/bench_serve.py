@@ -336,12 +336,17 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
                   + ", ".join(f"{ratio('one-thread', n):.2f}x at {n} clients" for n in args.clients)
                   + ". Under other jobs' load (the 'others' column) the defaults ratio is inflated: transformers' "
                   "two threads then contend with them for the cores.", "",
-                  "Where tristage's time goes (profiles of its engine replaying this load alone, torch.profiler and "
-                  "py-spy): a decode step of 16 rows is ~40% attention over the fp32 KV cache and ~35% linear layers "
-                  "(oneDNN with packed weights, serve/packed.py), both bound by memory traffic (~20 MB of keys and "
-                  "values and ~23 MB of weights a step), the rest ~25% small ops (norms, rotary embeddings, "
-                  "sampling); prefilling the prompts that join is ~20% of the engine's time. The HTTP side costs "
-                  "~0.1 ms of CPU per token, in its own process."]
+                  "Where tristage's time goes (profiles of its engine replaying this load alone: torch.profiler, py-"
+                  "spy): a decode step of 16 rows takes ~6 ms, ~40% of it attention over the fp32 KV cache (SDPA's CPU "
+                  "kernel makes two small MKL products per row and head: ~400 us a layer at ~200 slots, where reading "
+                  "the same 3 MB takes under 100 us), ~35% the linear layers (oneDNN on packed weights, "
+                  "serve/packed.py, ~140 GFLOP/s at 16 rows) and ~25% small ops (norms, rotary embeddings, sampling); "
+                  "prefilling the prompts that join is ~20% of the engine's time; the HTTP side costs ~0.1 ms of CPU "
+                  "per token, in its own process on the other core. That core is otherwise idle (the server's ~1.1 "
+                  "cores against transformers' ~1.9), and none of the ways tried to spread the work over both paid "
+                  "here: two torch threads (for every op, or for attention alone), two engine processes splitting the "
+                  "rows, the prefill on a second thread beside the decode step; nor did other forms of attention (query"
+                  " heads folded onto their KV head, batched matmuls) or fused norms (all within the run-to-run noise)."]
     return "\n".join(lines)
 
 
