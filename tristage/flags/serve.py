@@ -30,9 +30,10 @@ class Config:
                                     "served at /, without it only the API")
     max_batch: int = arg(32, check=">=1", help="rows decoded together per model at most (n > 1 takes n rows); "
                                               "more requests wait for a row")
-    threads: int = arg(0, check=">=0", help="CPU threads of the model's ops (torch intra-op threads); 0: the number "
-                                            "of CPUs minus one, leaving one to the HTTP side (tokens to text, "
-                                            "sending events) so the two do not take turns on the same cores")
+    threads: int = arg(0, check=">=0", help="CPU threads of each model's engine process (torch intra-op threads); "
+                                            "0: the number of CPUs minus one, leaving one to the HTTP process "
+                                            "(tokens to text, sending events) so the two do not take turns on the "
+                                            "same cores")
     device: str = arg("cpu", check=device_problem, help="cpu, cuda, cuda:1, mps, or auto")
     dtype: str = arg("float32", check=dtype_problem, help="float32, bfloat16, float16, or auto")
     log_level: str = arg("info", help="the server's log level: critical, error, warning, info, debug")
