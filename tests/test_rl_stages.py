@@ -154,6 +154,68 @@ def test_answers_do_not_depend_on_how_the_batch_is_split(world):
     assert together == apart and len({tuple(a) for a in together}) > 1
 
 
+def test_one_update_per_batch_takes_the_rollout_logprobs_from_it(world, tmp_path):
+    """GRPO with one optimizer step per batch skips the separate no-grad policy pass: the KL and entropy it logs,
+    taken from the step's own forward, equal those of that pass over the same answers (seeded per answer)."""
+    from tristage.model.gpt import build_model
+    from tristage.model.hf import load_model, save_model
+    from tristage.tokenizer import Tokenizer
+    from tristage.train import distributed as dist
+    from tristage.train import loop
+    from tristage.train.rl import kl_estimate
+
+    tok = Tokenizer.load(world / "policy")
+    save_model(build_model(tiny_config(tok), seed=5), tmp_path / "ref", tok)  # a reference unlike the policy
+    cfg = parse(grpo.Config, _grpo(world, tmp_path / "run", "--max-steps", "1", "--beta", "0.04", "--eval-every", "0",
+                                   "--ref-model", str(tmp_path / "ref")))
+    logged = grpo.main(cfg)
+    s = loop.Session(cfg, "grpo", dist.init("cpu"), torch.float32, Path("/x"), Path("/x"), None)
+    policy, ref = load_model(world / "policy"), load_model(tmp_path / "ref")
+    train, _, _ = rl.load_prompt_splits(cfg, tok, rl.fit_answer_length(cfg) - cfg.max_new_tokens)
+    rows = next(rl.PromptLoader(train, cfg.batch_size, cfg.seed))
+    b = rl.collect(policy, ref, tok, list(tok.stop_ids), rows, cfg.num_samples, 0, 0, cfg, s)
+    want = rl.batch_stats(b, s.d, kl_estimate(b.old_logp, b.ref_logp, "k1"), [0.0] * len(b.texts), None)
+    assert logged["kl"] == pytest.approx(want["kl"], rel=1e-5) and abs(want["kl"]) > 0.05
+    assert logged["entropy"] == pytest.approx(want["entropy"], rel=1e-5) and want["entropy"] > 0
+    assert logged["ratio_first"] == 1.0 and logged["length"] == want["length"]
+
+
+def test_reward_model_reads_the_sampled_tokens(world):
+    """A reward model with the policy's tokenizer scores each answer's own tokens (prompt + answer without its stop
+    token + the end of turn), which is what the text path gives for the text those tokens spell (special tokens
+    kept); a reward model with another tokenizer reads the decoded texts."""
+    from tristage.data.records import read_prompt_file
+    from tristage.model.hf import load_model
+    from tristage.rollout import encode_for_reward, pad_id, score_ids
+    from tristage.tokenizer import Tokenizer
+    from tristage.train import distributed as dist
+    from tristage.train import loop
+
+    cfg = parse(grpo.Config, _grpo(world, Path("/x"), "--max-new-tokens", "24"))
+    s = loop.Session(cfg, "grpo", dist.init("cpu"), torch.float32, Path("/x"), Path("/x"), None)
+    tok, policy = Tokenizer.load(world / "policy"), load_model(world / "policy")
+    rows = read_prompt_file(world / "prompts.jsonl")[:4]
+    b = rl.collect(policy, None, tok, list(tok.stop_ids), rows, 3, 0, 0, cfg, s)
+    assert 0 < sum(b.stopped) < len(b.stopped)  # both ways an answer ends are covered
+    rm = rl.make_scorer(str(world / "rm"), s, 1 << 30, "--reward")
+    got = rl.score(rm, b, 3, s, tok)
+    bodies = [a[:-1] if stop else a for a, stop in zip(b.answer_ids, b.stopped)]
+    end = encode_for_reward(tok, b.messages[0], "", 1 << 30)[len(b.prompt_ids[0]):]  # the template's end of turn
+    assert len(end) >= 1
+    ids = [list(p) + body + end for p, body in zip(b.prompt_ids, bodies)]
+    assert got == pytest.approx(rm.rm.combine(score_ids(rm.rm, ids, pad_id(tok))).tolist(), abs=1e-5)
+    texts = ["the cow says moo.", "moo moo", ""]  # answers whose tokens are those of their text: the text path agrees
+    stop = tok.stop_ids[0]
+    answers = [tok.encode(texts[0]) + [stop], tok.encode(texts[1]), [stop]]
+    same = rm.scores_sampled([b.messages[0]], [b.prompt_ids[0]], [answers], [[True, False, True]], tok)
+    assert same[0] == pytest.approx(rm.scores([b.messages[0]], [texts])[0], abs=1e-6)
+    assert rm.scores_sampled([b.messages[0]], [b.prompt_ids[0]], [b.answer_ids[:3]], [b.stopped[:3]], None) is None
+    other = rl.make_scorer(str(world / "rm_other"), s, 1 << 30, "--reward")
+    assert other.scores_sampled([b.messages[0]], [b.prompt_ids[0]], [b.answer_ids[:3]], [b.stopped[:3]], tok) is None
+    texts = [x for i in range(0, 12, 3) for x in other.scores([b.messages[i]], [b.texts[i:i + 3]])[0]]
+    assert rl.score(other, b, 3, s, tok) == pytest.approx(texts, abs=1e-5)
+
+
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_resume_is_exact(world, tmp_path, stage):
     mod, args = (ppo, _ppo) if stage == "ppo" else (grpo, _grpo)

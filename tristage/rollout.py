@@ -53,7 +53,7 @@ from tristage.tokenizer import Tokenizer
 
 __all__ = ["ChatModel", "Rollout", "batch_logprobs", "completion_logprobs", "encode_for_reward", "load_chat_model",
            "folder_config", "packed_token_logprobs", "policy_tokenizer", "reward_scores",
-           "reward_tokenizer", "sample_answers", "score_texts",
+           "reward_tokenizer", "sample_answers", "sampled_reward_ids", "score_texts",
            "sequence_logprobs", "stop_ids", "token_logprobs"]
 
 Messages = list[dict[str, str]]
@@ -318,6 +318,27 @@ def score_texts(rm: Any, tokenizer: Any, prompts: Sequence[str | Sequence[dict[s
     if stats is not None:
         stats["truncated"] = stats.get("truncated", 0) + cut
     return score_ids(rm, ids, pad_id(tokenizer), batch_size, on_batch)
+
+
+def sampled_reward_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]], prompt_ids: Sequence[int],
+                       answers: Sequence[Sequence[int]], stopped: Sequence[bool], max_len: int
+                       ) -> list[tuple[list[int], bool]] | None:
+    """(ids, truncated) per sampled answer, read as its tokens rather than its decoded text: what `encode_for_reward`
+    renders, built from the ids themselves = prompt_ids (the chat template with its generation prompt) + the answer
+    without its stop token + the template's end of the assistant turn; over max_len the first tokens are dropped.
+    For an answer whose decode-and-encode round trip is exact this equals encode_for_reward(decoded text). None
+    when the template does not render prompt_ids + answer that way (then the texts are encoded instead)."""
+    probe = tokenizer.encode("ok")
+    ids, _ = _encode(tokenizer, prompt, "ok", 1 << 30)
+    n = len(prompt_ids)
+    if ids[:n] != list(prompt_ids) or ids[n:n + len(probe)] != probe:
+        return None
+    end = ids[n + len(probe):]
+    out = []
+    for a, stop in zip(answers, stopped):
+        x = list(prompt_ids) + list(a[:-1] if stop else a) + end
+        out.append((x[len(x) - max_len:], True) if len(x) > max_len else (x, False))
+    return out
 
 
 def reward_scores(rm: Any, tokenizer: Any, prompts: Sequence[str | Messages], responses: Sequence[str],

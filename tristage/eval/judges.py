@@ -42,7 +42,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -50,7 +50,8 @@ from torch import Tensor
 from tristage.io import UserError, read_jsonl
 from tristage.model.hf import load_model
 from tristage.model.score import load_reward_model
-from tristage.rollout import policy_tokenizer, reward_scores, reward_tokenizer
+from tristage.rollout import pad_id, policy_tokenizer, reward_scores, reward_tokenizer, sampled_reward_ids, score_ids
+from tristage.tokenizer import Tokenizer
 from tristage.world import Annotator, Judgement, preference_probability, score
 
 Messages = list[dict[str, str]]
@@ -147,16 +148,47 @@ class RewardJudge:
         self.tok = reward_tokenizer(folder)  # checks the folder (a reward model, a chat template) before its weights
         self.rm = load_reward_model(folder, device=device, dtype=dtype).eval()
         self.batch_size, self.max_len = batch_size, max_len
+        self._checked: tuple[Any, bool] | None = None  # (the last tokenizer asked about, is it this model's own)
 
     def scores(self, prompts: Sequence[Messages], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
         flat_r = [c for cs in candidates for c in cs]
         s = reward_scores(self.rm, self.tok, flat_p, flat_r, self.batch_size, self.max_len, stats=self.stats).tolist()
-        out, i = [], 0
-        for cs in candidates:
-            out.append(s[i:i + len(cs)])
-            i += len(cs)
-        return out
+        return _regroup(s, candidates)
+
+    def scores_sampled(self, prompts: Sequence[Messages], prompt_ids: Sequence[Sequence[int]],
+                       answers: Sequence[Sequence[Sequence[int]]], stopped: Sequence[Sequence[bool]],
+                       tokenizer: Any) -> list[list[float]] | None:
+        """`scores` of sampled answers read as their own tokens (`sampled_reward_ids`: no decode and re-encode, so
+        what is scored is what was sampled, and an answer of invalid UTF-8 is not re-encoded as replacement
+        characters), when `tokenizer` (the policy's) is this reward model's own; None otherwise."""
+        if not self._shares(tokenizer):
+            return None
+        ids: list[list[int]] = []
+        for p, pid, a, st in zip(prompts, prompt_ids, answers, stopped):
+            got = sampled_reward_ids(self.tok, p, pid, a, st, min(self.max_len, self.rm.config.max_position_embeddings))
+            if got is None:
+                return None
+            ids += [x for x, _ in got]
+            self.stats["truncated"] += sum(cut for _, cut in got)
+        s = self.rm.combine(score_ids(self.rm, ids, pad_id(self.tok), self.batch_size)).tolist()
+        return _regroup(s, answers)
+
+    def _shares(self, tokenizer: Any) -> bool:
+        if self._checked is None or self._checked[0] is not tokenizer:
+            same = (isinstance(tokenizer, Tokenizer) and tokenizer.chat_template == self.tok.chat_template
+                    and tokenizer.tok.to_str() == self.tok.tok.to_str())
+            self._checked = (tokenizer, same)
+        return self._checked[1]
+
+
+def _regroup(flat: Sequence[float], groups: Sequence[Sequence[object]]) -> list[list[float]]:
+    """`flat` cut into lists of the groups' sizes."""
+    out, i = [], 0
+    for g in groups:
+        out.append(list(flat[i:i + len(g)]))
+        i += len(g)
+    return out
 
 
 # ----------------------------------------------------------------------------- pairwise judges

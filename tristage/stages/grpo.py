@@ -8,7 +8,9 @@ against the other answers to the same prompt, so no value model is trained.
 
 The algorithm (estimators in tristage/train/rl.py):
 1. Rollout: each prompt gets --num-samples answers from the policy (the shared engine, one seed per answer); one
-   no-grad pass gives the policy's and the reference's log-probs of every answer token (sampling temperature).
+   no-grad pass gives the policy's and the reference's log-probs of every answer token (sampling temperature). With
+   one optimizer step per batch (--ppo-epochs 1, --num-minibatches 1, the default) the policy's come from that
+   step's own forward instead (the ratio is then exactly 1, as a separate pass would give; one pass fewer).
 2. Reward: the reward model's score, or any scorer (`gold`, `python:MODULE:FUNCTION` called as
    f(prompt text, [answers]) -> [numbers]), minus --missing-eos-penalty for answers that did not end their turn.
 3. Advantage, one flag apart (--baseline):
@@ -81,11 +83,20 @@ def main(cfg: Config) -> dict:
                              f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
                              f"prompts per step, {per_step} updates each; {max_steps} steps; {s.dtype}, {s.device}")
     kl_in_loss = cfg.baseline != "rloo" and cfg.beta > 0
+    # One optimizer step per rollout batch (and no KL in the reward, which needs the log-probs before it): the
+    # rollout's log-probs are those of the policy as it is at that step, so they come from the step's own forward
+    # (detached: the ratio is exactly 1) instead of a separate no-grad pass over the batch.
+    one_step = per_step == 1 and not (cfg.baseline == "rloo" and cfg.beta > 0)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # one_step: (log-probs, entropy) of each micro-batch
+
     def loss_fn(wrapped, mb):
-        logp, _ = rl.policy_logprobs(wrapped, mb, cfg.temperature)
+        logp, ent = rl.policy_logprobs(wrapped, mb, cfg.temperature, entropy=one_step)
+        if one_step:
+            seen.append((logp.detach(), ent))
+        old = logp.detach() if one_step else mb["old_logp"]
         one = torch.ones_like(logp, dtype=torch.bool)[None]
         w = (1.0 / mb["seq_len"])[None] if cfg.loss_agg == "sequence" else None
-        loss, st = clipped_policy_loss(logp[None], mb["old_logp"][None], mb["adv"][None], one, cfg.clip, w)
+        loss, st = clipped_policy_loss(logp[None], old[None], mb["adv"][None], one, cfg.clip, w)
         if kl_in_loss:
             kl = kl_estimate(logp, mb["ref_logp"], "k3")
             loss = loss + cfg.beta * (kl * (w[0] if w is not None else 1.0)).sum()
@@ -95,7 +106,8 @@ def main(cfg: Config) -> dict:
     def count(mb) -> float:
         return mb["n_seqs"] if cfg.loss_agg == "sequence" else len(mb["lp_tok"])
 
-    forward = [(policy.config, True)] * 3 + rl.scorer_model(reward)  # generation, old and reference log-probs, reward
+    # generation, [the rollout's log-probs,] the reference's, the reward model
+    forward = [(policy.config, True)] * (2 if one_step else 3) + rl.scorer_model(reward)
     metrics: dict = {}
     done = start
     with loop.Reporter(s, max_steps, start) as rep:
@@ -105,13 +117,17 @@ def main(cfg: Config) -> dict:
         for step in range(start, max_steps):
             clock.lap("other")
             rows = next(loader)
-            b = rl.collect(policy, ref, tokenizer, stops, rows, k, step, d.rank * cfg.batch_size * k, cfg, s, clock)
-            rewards = rl.score(reward, b.messages, b.texts, k, s)
-            golds = rl.score(gold, b.messages, b.texts, k, s) if gold is not None else None
+            b = rl.collect(policy, ref, tokenizer, stops, rows, k, step, d.rank * cfg.batch_size * k, cfg, s, clock,
+                           policy_pass=not one_step)
+            rewards = rl.score(reward, b, k, s, tokenizer)
+            golds = rl.score(gold, b, k, s, tokenizer) if gold is not None else None
             clock.lap("score")
             extra = advantages(b, rewards, k, cfg, s)
-            m = rl.batch_stats(b, d, kl_estimate(b.old_logp, b.ref_logp, "k1"), rewards, golds)
             upd = rl.update(s, t, b, loss_fn, count, cfg, step, max_steps)
+            if one_step:  # the micro-batches came in answer order
+                b.old_logp, b.entropy = (torch.cat(x) for x in zip(*seen))
+                seen.clear()
+            m = rl.batch_stats(b, d, kl_estimate(b.old_logp, b.ref_logp, "k1"), rewards, golds)
             clock.lap("update")
             m.update(upd, **clock.take(), **extra)
             rep.count(len(b.texts) * d.world_size, *rl.step_work(b, d.world_size, forward, [(policy.config, True)],

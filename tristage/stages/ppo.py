@@ -164,8 +164,8 @@ def main(cfg: Config) -> dict:
             clock.lap("other")
             rows = next(loader)
             b = rl.collect(policy, ref, tokenizer, stops, rows, 1, step, d.rank * cfg.batch_size, cfg, s, clock)
-            scores = rl.score(reward, b.messages, b.texts, 1, s)
-            golds = rl.score(gold, b.messages, b.texts, 1, s) if gold is not None else None
+            scores = rl.score(reward, b, 1, s, tokenizer)
+            golds = rl.score(gold, b, 1, s, tokenizer) if gold is not None else None
             clock.lap("score")
             extra = advantages(b, scores, value, kl_ctl.value, cfg, s)
             m = rl.batch_stats(b, d, b.extra["kl"], scores, golds)

@@ -14,6 +14,11 @@ Choices, and why:
   precision, at the sampling temperature (logits / T), not taken from the engine: the engine runs the fp32 model
   token by token, and any difference would make the first update's ratio differ from 1 for no reason. The same pass
   gives the entropy (nats per token) of the tempered distribution.
+- A reward model that shares the policy's tokenizer reads each answer's sampled tokens (prompt + answer without its
+  stop token + the template's end of turn), as OpenRLHF and verl do, not its decoded text encoded again: what is
+  scored is what was sampled, and no decode / encode round trip runs (one that is not exact, such as invalid UTF-8
+  coming back as 3-byte replacement characters, would also lengthen the input). A scorer with another tokenizer, or
+  a function, reads the texts.
 - Flat token layout: a batch's response tokens are kept as one flat list (row-major: answer 0's tokens, then
   answer 1's, ...) with, per token, its row and position in a right-padded [N, T] batch of prompt + answer
   (`Rows`). `padded` turns flat [M] values into [N, Tc] for the estimators that run along time (GAE).
@@ -219,26 +224,27 @@ class Rollouts:
     texts: list[str]
     stopped: list[bool]  # ended its turn (a stop token) rather than at --max-new-tokens
     rows: Rows
-    old_logp: Tensor  # [M] under the policy that sampled them, at the sampling temperature
+    old_logp: Tensor | None  # [M] under the policy that sampled them, at the sampling temperature (None: skipped)
     ref_logp: Tensor | None  # [M] under the reference, same temperature
-    entropy: Tensor  # [M]
+    entropy: Tensor | None  # [M] (None with old_logp)
     extra: dict[str, Tensor] = field(default_factory=dict)  # per-token or per-answer tensors a stage adds
 
     def micro_batches(self, order: Sequence[int], size: int) -> list[dict[str, Any]]:
         """The answers `order` in micro-batches of `size`, each in the flat layout with every per-token tensor
-        (old_logp, ref_logp and the stage's per-token `extra`) cut to its tokens."""
+        (old_logp when it was computed, ref_logp and the stage's per-token `extra`) cut to its tokens."""
         starts = torch.cat([torch.zeros(1, dtype=torch.long), self.rows.lengths.cpu().cumsum(0)]).tolist()
         out = []
         for k in range(0, len(order), size):
             idx = list(order[k:k + size])
-            tok = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx]).to(self.old_logp.device)
-            rows = Rows.build([self.prompt_ids[i] for i in idx], [self.answer_ids[i] for i in idx], self.pad,
-                              self.old_logp.device)
-            mb: dict[str, Any] = {**rows.batch(), "old_logp": self.old_logp[tok],
-                                  "seq_len": rows.lengths[rows.row].float(), "n_seqs": len(idx)}
+            dev = self.rows.tok.device
+            tok = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx]).to(dev)
+            rows = Rows.build([self.prompt_ids[i] for i in idx], [self.answer_ids[i] for i in idx], self.pad, dev)
+            mb: dict[str, Any] = {**rows.batch(), "seq_len": rows.lengths[rows.row].float(), "n_seqs": len(idx)}
+            if self.old_logp is not None:
+                mb["old_logp"] = self.old_logp[tok]
             if self.ref_logp is not None:
                 mb["ref_logp"] = self.ref_logp[tok]
-            M = len(self.old_logp)
+            M = len(self.rows.tok)
             for name, x in self.extra.items():
                 if x.shape[0] == M:
                     mb[name] = x[tok]
@@ -280,9 +286,11 @@ class Clock:
 
 
 def collect(policy: nn.Module, ref: nn.Module | None, tokenizer: Any, stop_ids: list[int], rows: Sequence[PromptRow],
-            k: int, step: int, first_index: int, cfg: Any, s: loop.Session, clock: Clock | None = None) -> Rollouts:
+            k: int, step: int, first_index: int, cfg: Any, s: loop.Session, clock: Clock | None = None,
+            policy_pass: bool = True) -> Rollouts:
     """Sample k answers to each prompt (seeded per answer), then one no-grad pass for their log-probs and entropy
-    under the policy and, if given, the reference (both at the sampling temperature, in the training precision)."""
+    under the policy (unless not `policy_pass`: a stage whose only update is one optimizer step takes them from that
+    step's own forward) and, if given, the reference (both at the sampling temperature, in the training precision)."""
     gens = [torch.Generator(s.device).manual_seed(answer_seed(cfg.seed, step, first_index + i))
             for i in range(len(rows) * k)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids)
@@ -295,7 +303,8 @@ def collect(policy: nn.Module, ref: nn.Module | None, tokenizer: Any, stop_ids: 
     answers = [x.tokens for _, x in flat]
     built = Rows.build([x.prompt for _, x in flat], answers, pad, s.device)
     with torch.no_grad(), autocast(s.device, s.dtype):
-        old, ent = policy_logprobs(policy, built.batch(), cfg.temperature, entropy=True)
+        old, ent = (policy_logprobs(policy, built.batch(), cfg.temperature, entropy=True) if policy_pass
+                    else (None, None))
         ref_lp = policy_logprobs(ref, built.batch(), cfg.temperature)[0] if ref is not None else None
     if clock is not None:
         clock.lap("logprobs")
@@ -303,14 +312,21 @@ def collect(policy: nn.Module, ref: nn.Module | None, tokenizer: Any, stop_ids: 
                     [x.finish_reason == "stop" for _, x in flat], built, old, ref_lp, ent, pad=pad)  # type: ignore
 
 
-def score(judge: ScalarJudge, messages: Sequence[Messages], texts: Sequence[str], k: int, s: loop.Session
-          ) -> list[float]:
-    """The judge's score of every answer (k adjacent answers per prompt), flat; a reward model runs under the
-    training precision's autocast (its weights stay fp32), as the policy's and reference's passes do."""
-    prompts = [messages[i] for i in range(0, len(messages), k)]
-    groups = [list(texts[i:i + k]) for i in range(0, len(texts), k)]
+def score(judge: ScalarJudge, b: Rollouts, k: int, s: loop.Session, tokenizer: Any) -> list[float]:
+    """The judge's score of every answer of `b` (k adjacent answers per prompt), flat. A reward model that shares
+    the policy's tokenizer reads the sampled tokens themselves (`RewardJudge.scores_sampled`), any other judge the
+    decoded texts; a reward model runs under the training precision's autocast (its weights stay fp32), as the
+    policy's and reference's passes do."""
+    prompts = b.messages[::k]
+    cut = [slice(i, i + k) for i in range(0, len(b.texts), k)]
     with torch.no_grad(), autocast(s.device, s.dtype):
-        return [float(x) for g in judge.scores(prompts, groups) for x in g]
+        got = None
+        if hasattr(judge, "scores_sampled"):
+            got = judge.scores_sampled(prompts, b.prompt_ids[::k], [b.answer_ids[c] for c in cut],
+                                       [b.stopped[c] for c in cut], tokenizer)
+        if got is None:
+            got = judge.scores(prompts, [b.texts[c] for c in cut])
+        return [float(x) for g in got for x in g]
 
 
 def global_mean_var(x: Tensor, d: dist.Dist) -> tuple[Tensor, Tensor]:
@@ -401,8 +417,8 @@ class Monitor:
         if not self.val:
             return {}
         b = collect(policy, ref, self.tokenizer, self.stop_ids, self.val, 1, 10**9, 0, self.cfg, self.s)
-        r = score(self.reward, b.messages, b.texts, 1, self.s)
-        g = score(self.gold, b.messages, b.texts, 1, self.s) if self.gold is not None else None
+        r = score(self.reward, b, 1, self.s, self.tokenizer)
+        g = score(self.gold, b, 1, self.s, self.tokenizer) if self.gold is not None else None
         kl = b.old_logp - b.ref_logp if b.ref_logp is not None else torch.zeros_like(b.old_logp)
         kl_seq = torch.zeros(len(b.texts), device=kl.device).index_add(0, b.rows.row, kl.float())
         out = {"eval_reward": statistics.fmean(r), "eval_reward_stderr": stderr(r), "eval_kl": float(kl_seq.mean()),
