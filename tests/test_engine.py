@@ -36,9 +36,9 @@ def record_logits(monkeypatch):
     seen: list[torch.Tensor] = []
     orig = engine_mod.sample
 
-    def spy(logits, p, noise):
+    def spy(logits, p, *noise):
         seen.append(logits.clone())
-        return orig(logits, p, noise)
+        return orig(logits, p, *noise)
 
     monkeypatch.setattr(engine_mod, "sample", spy)
     return seen
@@ -128,6 +128,26 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     greedy = eng.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
     top1 = eng.generate(prompts, SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=5))
     assert [o.tokens for o in greedy] == [o.tokens for o in top1]
+
+
+def test_both_samplers_draw_from_the_processed_distribution():
+    """The exponential race (one generator for the batch) and the inverse CDF (one generator per row: one uniform per
+    row and step) each give the tempered, top-p filtered distribution; neither draws a filtered-out token."""
+    from tristage.serve.engine import sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 40, generator=g) * 0.7
+    p = SamplingParams(temperature=0.8, top_p=0.9)
+    want = filter_logits(logits / 0.8, 0, 0.9).softmax(-1)[0]
+    N = 100_000
+    race, _ = sample(logits.expand(N, -1), p, torch.empty(N, 40).exponential_(1, generator=g))
+    inverse, _ = sample(logits.expand(N, -1), p, None, torch.rand(N, generator=g))
+    for tok in (race, inverse):
+        freq = torch.bincount(tok, minlength=40).double() / N
+        assert freq[want == 0].sum() == 0 and (want == 0).any()
+        assert ((freq - want) ** 2 / want.clamp(min=1e-12))[want > 0].sum() * N < 80  # chi-square, 3+ sigma at df ~30
+    edges = sample(logits.expand(2, -1), p, None, torch.tensor([0.0, 1.0 - 1e-7]))[0]
+    assert edges[0] == want.nonzero()[0] and edges[1] == want.nonzero()[-1]  # the ends of the CDF, inside the support
 
 
 def test_filter_logits_hand_computed():

@@ -21,8 +21,9 @@ from tristage.stages import grpo, ppo, rl
 
 REWARD_PY = '''
 def woof(prompt, answers):
-    """1 per 'o' in the answer, capped: a reward the tiny policy can climb."""
-    return [min(a.count("o"), 8) / 8 for a in answers]
+    """1/8 per 'o' in the answer, capped, plus a little per distinct character: a reward the tiny policy can climb
+    that is never the same for every answer to a prompt (so every GRPO step has a signal)."""
+    return [min(a.count("o"), 8) / 8 + len(set(a)) / 100 for a in answers]
 '''
 
 
@@ -175,7 +176,7 @@ def test_one_update_per_batch_takes_the_rollout_logprobs_from_it(world, tmp_path
     rows = next(rl.PromptLoader(train, cfg.batch_size, cfg.seed))
     b = rl.collect(policy, ref, tok, list(tok.stop_ids), rows, cfg.num_samples, 0, 0, cfg, s)
     want = rl.batch_stats(b, s.d, kl_estimate(b.old_logp, b.ref_logp, "k1"), [0.0] * len(b.texts), None)
-    assert logged["kl"] == pytest.approx(want["kl"], rel=1e-5) and abs(want["kl"]) > 0.05
+    assert logged["kl"] == pytest.approx(want["kl"], rel=1e-5) and abs(want["kl"]) > 1e-3
     assert logged["entropy"] == pytest.approx(want["entropy"], rel=1e-5) and want["entropy"] > 0
     assert logged["ratio_first"] == 1.0 and logged["length"] == want["length"]
 
