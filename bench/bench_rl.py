@@ -417,8 +417,9 @@ def split_text(r: dict, name: str) -> str:
     rest = upd - sum(sub.values())
     parts = []
     for k, label in (("time_generate", "generate (engine, KV cache)"),
-                     ("time_logprobs", "log-probs (policy + reference, one no-grad forward each)"),
-                     ("time_score", "score (reward model on the decoded texts)")):
+                     ("time_logprobs", "log-probs (no-grad forwards: the reference, and the policy when it is updated "
+                                       "more than once per batch)"),
+                     ("time_score", "score (reward model on the sampled tokens)")):
         parts.append(f"{label} {sp.get(k, 0) * 1e3:.0f} ms ({sp.get(k, 0) / total:.0%})")
     opt = sub.get("optimizer_steps", 0.0)
     adv = sub.get("advantages", 0.0)
@@ -480,9 +481,14 @@ def section(kind: str, a: argparse.Namespace, facts: dict, res: dict[str, dict],
                   f"transformers generate (no vLLM), the policy passed as its folder (TRL loads the reference from "
                   f"it), `reward_funcs` = the reward model as `AutoModelForSequenceClassification` (num_labels 1). "
                   f"tristage: `{ours_command(ours, steps)}`, run in-process by the worker "
-                  f"(`grpo.main(grpo.Config(...))`). Both compute one no-grad reference pass per batch; tristage "
-                  f"also recomputes the policy's log-probs of the rollout (its `old_logp`) where TRL, with "
-                  f"num_iterations 1, uses the detached current ones.", ""]
+                  f"(`grpo.main(grpo.Config(...))`). Both compute one no-grad reference pass per batch, and with "
+                  f"one optimizer step per batch both take the rollout's own log-probs from that step's forward "
+                  f"(TRL with num_iterations 1, tristage with --ppo-epochs 1 --num-minibatches 1). The reward model "
+                  f"reads different inputs: tristage's the sampled tokens (prompt + answer + end of turn, 112 "
+                  f"tokens per answer on average here), TRL's the answers decoded and tokenized again, where this "
+                  f"random policy's invalid UTF-8 bytes come back as 3-byte replacement characters (198 tokens on "
+                  f"average; tristage read those too before it scored sampled tokens: its score phase was 37 ms "
+                  f"per batch then, 15 ms now).", ""]
     lines += [f"Models: a tristage GPT with the BASELINES Llama shape (hidden 128, 4 layers, 4 heads, intermediate "
               f"512, tied embeddings), vocab {facts['vocab']} (tristage `train_char` on tiny Shakespeare), "
               f"{facts['params'] / 1e6:.3f}M parameters, seed 0, saved with `save_model` (policy, also the "
