@@ -346,7 +346,13 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
                   "cores against transformers' ~1.9), and none of the ways tried to spread the work over both paid "
                   "here: two torch threads (for every op, or for attention alone), two engine processes splitting the "
                   "rows, the prefill on a second thread beside the decode step; nor did other forms of attention (query"
-                  " heads folded onto their KV head, batched matmuls) or fused norms (all within the run-to-run noise)."]
+                  " heads folded onto their KV head, batched matmuls) or fused norms (all within the run-to-run noise)."
+                  " Checked again later the same day, A/B at 16 clients, the variants taking turns: the prefill on both"
+                  " cores with the decode on one (1639 / 1360 / 1285 / 1279 tok/s against 1638 / 1420 / 1388 / 1268),"
+                  " and two engine processes of one thread each, a request going to the less busy (1790 / 2000"
+                  " against 1855 / 1766, on 1.85 cores against 1.15): within the noise again. The engine alone,"
+                  " without the HTTP side, does gain from two processes (2,425 tok/s at 16 rows, 1,753 + 1,772 at"
+                  " 2 x 8), so the server's limit at 16 clients is not the engine's capacity alone."]
     return "\n".join(lines)
 
 
