@@ -24,7 +24,8 @@ class Config(RLArgs, TrainConfig):
                                           " KL in the reward)")
     num_samples: int = arg(8, check=">=2", help="answers per prompt (the group)")
     batch_size: int = arg(8, check=">=1", help="prompts per rollout batch per process (x --num-samples answers)")
-    ppo_epochs: int = arg(1, check=">=1", help="passes over each rollout batch")
+    ppo_epochs: int = arg(1, check=">=1", help="passes over each rollout batch (1 with --num-minibatches 1: one "
+                                               "optimizer step, whose forward also gives the rollout's log-probs)")
     beta: float = arg(0.0, check=">=0", help="KL coefficient: grpo: beta * k3 per token in the loss; rloo: "
                                              "-beta * KL of the answer in its reward")
     loss_agg: Literal["token", "sequence"] = arg("token", help="token: mean over all answer tokens | sequence: "
