@@ -330,12 +330,26 @@ def install(app: FastAPI, db_path: str | Path, *, attributes: str = "default", b
     store = VoteStore(db_path)
     arena = Arena()
     app.state.votes, app.state.web_arena = store, arena
-    files = {p.name for p in STATIC.iterdir() if p.is_file() and p.suffix in MEDIA}
     r = APIRouter()
+    _page_routes(r, store, sets, attributes)
+    _arena_routes(r, store, arena, bootstrap)
+    _annotate_routes(r, store, attributes)
+    app.include_router(r)
 
-    def hub(request: Request) -> Any:
-        return request.app.state.hub
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, e: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, e.status)
 
+    return store
+
+
+def _hub(request: Request) -> Any:
+    return request.app.state.hub
+
+
+def _page_routes(r: APIRouter, store: VoteStore, sets: dict, attributes: str) -> None:
+    """The pages, their static files, the pages' configuration and the chat stream."""
+    files = {p.name for p in STATIC.iterdir() if p.is_file() and p.suffix in MEDIA}
     for route, page in PAGES.items():
         r.add_api_route(route, lambda page=page: _static(page), methods=["GET"], include_in_schema=False)
 
@@ -347,7 +361,7 @@ def install(app: FastAPI, db_path: str | Path, *, attributes: str = "default", b
 
     @r.get("/web/config")
     def config(request: Request) -> dict:
-        return {"models": list(hub(request).names), "attribute_sets": sets, "default_attributes": attributes,
+        return {"models": list(_hub(request).names), "attribute_sets": sets, "default_attributes": attributes,
                 "winners": list(WINNERS), "counts": store.counts()}
 
     @r.post("/web/chat")
@@ -356,12 +370,16 @@ def install(app: FastAPI, db_path: str | Path, *, attributes: str = "default", b
         model = body.get("model")
         if not isinstance(model, str):
             raise BadRequest("model: expected a model name")
-        return await open_stream(hub(request), model, messages_of(body), sampling(body))
+        return await open_stream(_hub(request), model, messages_of(body), sampling(body))
+
+
+def _arena_routes(r: APIRouter, store: VoteStore, arena: Arena, bootstrap: int) -> None:
+    """A battle (two anonymous answers), its vote, and the leaderboard of every vote."""
 
     @r.post("/web/arena/new")
     async def arena_new(request: Request) -> dict:
         body = await json_body(request)
-        return {"battle": arena.new(list(hub(request).names), messages_of(body))}
+        return {"battle": arena.new(list(_hub(request).names), messages_of(body))}
 
     @r.post("/web/arena/{bid}/answer/{side}")
     async def arena_answer(bid: str, side: str, request: Request) -> Response:
@@ -379,7 +397,7 @@ def install(app: FastAPI, db_path: str | Path, *, attributes: str = "default", b
         def done(text: str) -> None:
             p.answers[side] = text
 
-        return await open_stream(hub(request), model, p.messages, params, on_done=done,
+        return await open_stream(_hub(request), model, p.messages, params, on_done=done,
                                  reword=lambda s: s.replace(model, label))
 
     @r.post("/web/arena/{bid}/vote")
@@ -405,6 +423,10 @@ def install(app: FastAPI, db_path: str | Path, *, attributes: str = "default", b
     @r.get("/web/leaderboard")
     async def board() -> dict:
         return await asyncio.to_thread(store.board, bootstrap)
+
+
+def _annotate_routes(r: APIRouter, store: VoteStore, attributes: str) -> None:
+    """Uploaded answers parsed for the annotate page, and an annotation saved."""
 
     @r.post("/web/annotate/parse")
     async def annotate_parse(request: Request) -> dict:
@@ -437,11 +459,3 @@ def install(app: FastAPI, db_path: str | Path, *, attributes: str = "default", b
         except ValueError as e:
             raise BadRequest(str(e)) from None
         return {"id": aid, "counts": store.counts()}
-
-    app.include_router(r)
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, e: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, e.status)
-
-    return store
