@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tristage.io import DataError, atomic_write_text, read_jsonl, write_json, write_jsonl
-from tristage.world.annotator import Annotator, expected_agreement
+from tristage.world.annotator import Annotator, Judgement, expected_agreement
 from tristage.world.entities import ANIMALS
 from tristage.world.gold import ATTRIBUTES, score, score_request
 from tristage.world.prompts import Request, render_prompt, sample_request
@@ -133,78 +133,27 @@ def generate(
     annotator_temperature: float = 0.1,
     progress: Callable[[str, int], None] | None = None,
 ) -> dict:
-    """Write the world's data under `out` and return the summary (also written to out/summary.json)."""
+    """Write the world's data under `out` and return the summary (also written to out/summary.json). Each part
+    draws from its own seeded generator ("{seed}/eval", "/pretrain", "/sft", "/preference"), so the parts do not
+    depend on one another's sizes."""
     out = Path(out)
     t0 = time.perf_counter()
     tick = progress or (lambda name, n: None)
-
-    # held-out prompts first, so training can avoid them
-    rng = random.Random(f"{seed}/eval")
-    eval_rows, seen = [], set()
-    while len(eval_rows) < n_eval:
-        p = fresh_prompt(rng, seen)
-        seen.add(p.text)
-        eval_rows.append({"prompt": p.text, "messages": [{"role": "user", "content": p.text}], "kind": p.req.kind})
-    banned = set(seen)
+    eval_rows = _eval_prompts(random.Random(f"{seed}/eval"), n_eval)  # first, so training can avoid them
+    banned = {r["prompt"] for r in eval_rows}
     tick("eval", n_eval)
-
     rng = random.Random(f"{seed}/pretrain")
     docs = []
     for _ in range(n_stories):
         docs.append(pretrain_doc(rng, absurd_frac))
         tick("pretrain", 1)
-
-    rng = random.Random(f"{seed}/sft")
-    convs, sft_scores = [], []
-    for _ in range(n_sft):
-        turns = rng.choices((1, 2, 3), (0.8, 0.15, 0.05))[0]
-        messages = []
-        for _ in range(turns):
-            p = fresh_prompt(rng, banned)
-            answer = p.answer(rng, sft_style(rng, p.req, imperfect_frac))
-            messages += [{"role": "user", "content": p.text}, {"role": "assistant", "content": answer}]
-            sft_scores.append(score_request(p.req, answer).overall)
-        convs.append({"messages": messages})
-        tick("sft", 1)
-
-    rng = random.Random(f"{seed}/preference")
+    convs, sft_scores = _sft_conversations(random.Random(f"{seed}/sft"), n_sft, banned, imperfect_frac, tick)
     annotator = Annotator(annotator_temperature, seed)
-    pairs, gold_c, gold_r, diffs = [], [], [], []
-    agree = 0
-    for _ in range(n_pref):
-        p = fresh_prompt(rng, banned)
-        a = p.answer(rng, pref_style(rng, p.req))
-        b = a
-        for _ in range(10):
-            b = p.answer(rng, pref_style(rng, p.req))
-            if b != a:
-                break
-        j = annotator.compare(p.text, a, b)
-        pairs.append(j.to_record(p.text))
-        gold_c.append(j.gold_chosen)
-        gold_r.append(j.gold_rejected)
-        if j.gold_chosen != j.gold_rejected:
-            diffs.append(j.gold_chosen - j.gold_rejected)
-            agree += j.gold_chosen > j.gold_rejected
-        tick("preference", 1)
+    pairs, judged = _preference_pairs(random.Random(f"{seed}/preference"), n_pref, banned, annotator, tick)
+    files, (pre_train, pre_val) = _write(out, docs, convs, pairs, eval_rows, val_frac)
 
-    # write
-    files = {}
-    pre_train, pre_val = _split(docs, val_frac)
-    for name, part in (("train", pre_train), ("val", pre_val)):
-        path = out / "pretrain" / f"{name}.txt"
-        atomic_write_text(path, f"\n{EOT}\n".join(part) + "\n" if part else "")
-        files[f"pretrain/{name}.txt"] = {"bytes": path.stat().st_size, "rows": len(part)}
-    for split, rows in (("sft", convs), ("preference", pairs)):
-        for name, part in zip(("train", "val"), _split(rows, val_frac)):
-            write_jsonl(out / split / f"{name}.jsonl", part)
-            files[f"{split}/{name}.jsonl"] = {
-                "bytes": (out / split / f"{name}.jsonl").stat().st_size,
-                "rows": len(part),
-            }
-    write_jsonl(out / "eval" / "prompts.jsonl", eval_rows)
-    files["eval/prompts.jsonl"] = {"bytes": (out / "eval" / "prompts.jsonl").stat().st_size, "rows": len(eval_rows)}
-
+    gold_c, gold_r = [j.gold_chosen for j in judged], [j.gold_rejected for j in judged]
+    diffs = [c - r for c, r in zip(gold_c, gold_r) if c != r]
     sample = docs[:: max(1, len(docs) // 1000)]
     summary = {
         "seed": seed,
@@ -236,7 +185,7 @@ def generate(
             "preference_rejected": _mean(gold_r),
         },
         "annotator": {
-            "agreement_with_gold": round(agree / len(diffs), 4) if diffs else None,
+            "agreement_with_gold": round(sum(d > 0 for d in diffs) / len(diffs), 4) if diffs else None,
             "expected_agreement": round(expected_agreement(diffs, annotator_temperature), 4),
         },
         "eval_kinds": {k: sum(r["kind"] == k for r in eval_rows) for k, _ in KINDS},
@@ -245,6 +194,73 @@ def generate(
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _eval_prompts(rng: random.Random, n: int) -> list[dict]:
+    """n distinct held-out prompts."""
+    rows: list[dict] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        p = fresh_prompt(rng, seen)
+        seen.add(p.text)
+        rows.append({"prompt": p.text, "messages": [{"role": "user", "content": p.text}], "kind": p.req.kind})
+    return rows
+
+
+def _sft_conversations(rng: random.Random, n: int, banned: set[str], imperfect_frac: float,
+                       tick: Callable[[str, int], None]) -> tuple[list[dict], list[float]]:
+    """n conversations of 1-3 turns (prompts outside `banned`), and the gold score of every answer."""
+    convs, scores = [], []
+    for _ in range(n):
+        turns = rng.choices((1, 2, 3), (0.8, 0.15, 0.05))[0]
+        messages = []
+        for _ in range(turns):
+            p = fresh_prompt(rng, banned)
+            answer = p.answer(rng, sft_style(rng, p.req, imperfect_frac))
+            messages += [{"role": "user", "content": p.text}, {"role": "assistant", "content": answer}]
+            scores.append(score_request(p.req, answer).overall)
+        convs.append({"messages": messages})
+        tick("sft", 1)
+    return convs, scores
+
+
+def _preference_pairs(rng: random.Random, n: int, banned: set[str], annotator: Annotator,
+                      tick: Callable[[str, int], None]) -> tuple[list[dict], list[Judgement]]:
+    """n pairs of two different answers to one prompt, judged by the annotator: the records and the judgements."""
+    pairs, judged = [], []
+    for _ in range(n):
+        p = fresh_prompt(rng, banned)
+        a = p.answer(rng, pref_style(rng, p.req))
+        b = a
+        for _ in range(10):
+            b = p.answer(rng, pref_style(rng, p.req))
+            if b != a:
+                break
+        j = annotator.compare(p.text, a, b)
+        pairs.append(j.to_record(p.text))
+        judged.append(j)
+        tick("preference", 1)
+    return pairs, judged
+
+
+def _write(out: Path, docs: list[str], convs: list[dict], pairs: list[dict], eval_rows: list[dict],
+           val_frac: float) -> tuple[dict, tuple[list[str], list[str]]]:
+    """The world's files (pre-training text, SFT and preference train / val, held-out prompts): -> their sizes by
+    path, and the pre-training split."""
+    files = {}
+    pre_train, pre_val = _split(docs, val_frac)
+    for name, part in (("train", pre_train), ("val", pre_val)):
+        path = out / "pretrain" / f"{name}.txt"
+        atomic_write_text(path, f"\n{EOT}\n".join(part) + "\n" if part else "")
+        files[f"pretrain/{name}.txt"] = {"bytes": path.stat().st_size, "rows": len(part)}
+    for split, rows in (("sft", convs), ("preference", pairs)):
+        for name, part in zip(("train", "val"), _split(rows, val_frac)):
+            write_jsonl(out / split / f"{name}.jsonl", part)
+            files[f"{split}/{name}.jsonl"] = {"bytes": (out / split / f"{name}.jsonl").stat().st_size,
+                                              "rows": len(part)}
+    write_jsonl(out / "eval" / "prompts.jsonl", eval_rows)
+    files["eval/prompts.jsonl"] = {"bytes": (out / "eval" / "prompts.jsonl").stat().st_size, "rows": len(eval_rows)}
+    return files, (pre_train, pre_val)
 
 
 # ---- loaders for later stages ---------------------------------------------------------------------
