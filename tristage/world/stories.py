@@ -292,23 +292,7 @@ def plan_story(
     w = Writer(rng, hero, place, time, weather, story_mood)
     w.keep_place = req.place is not None
 
-    # the opening
-    can_sit = "sit" in hero.can
-    sunny = time in DAY and weather not in NO_SUN
-    ok = []
-    for seq, says_place in OPENINGS:
-        if ("sit" in seq or "sit_at" in seq or "sitnap" in seq) and not can_sit:
-            continue
-        if "sitnap" in seq and (goal != "nap" or not sunny):
-            continue
-        if not says_place and (req.place or req.kind == "story"):
-            continue
-        if first is not None and first[0] not in BLOCKS[seq[0]]:
-            continue
-        ok.append(seq)
-    if not ok:
-        ok = [("go_time",)]
-    opening = list(rng.choice(ok))
+    opening = list(rng.choice(_openings(hero, req, goal, time in DAY and weather not in NO_SUN, first)))
 
     lo, hi = (3, 9) if req.kind == "free" and req.length is None else LENGTHS[req.length]
     if flaw == "wrong_length":
@@ -323,21 +307,8 @@ def plan_story(
         core = len(opening) + has_want + (ending != "flat") + len(tail)
     reserved = (ending != "flat") + (ending == "full")
     w.mood_extra = max(0, style.mood_lines - reserved)
-    extras = {"details": 0, "action": 0, "feel": 0, "trouble": 0, "middle": 0}
-    room = target - core
     no_trouble = goal == "stars" or time not in DAY  # rain would hide the stars; no sun comes out at night
-    for name, cost, limit in (
-        ("details", 1, style.details),
-        ("action", 1, 1),
-        ("feel", 1, int(ending == "full" and w.mood_extra > 0)),
-        ("trouble", 2, 0 if no_trouble else 1),
-        ("details", 1, 3),
-        ("middle", 1, 2),
-        ("details", 1, 5),
-    ):
-        while room >= cost and extras[name] < limit:
-            extras[name] += 1
-            room -= cost
+    extras = _extras(target - core, style.details, ending == "full" and w.mood_extra > 0, no_trouble)
 
     absurd_at = None
     if flaw == "absurd":
@@ -392,6 +363,41 @@ def plan_story(
     if flaw in ("pronoun", "switch"):
         frames = _break_reference(rng, frames, hero, flaw)
     return frames
+
+
+def _openings(hero: Character, req: Request, goal: str, sunny: bool,
+              first: tuple[Template, dict[str, str]] | None) -> list[tuple[str, ...]]:
+    """The opening block sequences this story may start with (`first`: the template a continuation starts from)."""
+    ok = []
+    for seq, says_place in OPENINGS:
+        if ("sit" in seq or "sit_at" in seq or "sitnap" in seq) and "sit" not in hero.can:
+            continue
+        if "sitnap" in seq and (goal != "nap" or not sunny):
+            continue
+        if not says_place and (req.place or req.kind == "story"):
+            continue
+        if first is not None and first[0] not in BLOCKS[seq[0]]:
+            continue
+        ok.append(seq)
+    return ok or [("go_time",)]
+
+
+def _extras(room: int, details: int, feel: bool, no_trouble: bool) -> dict[str, int]:
+    """How many of each optional block fit in `room` sentences, filled in this order of preference."""
+    extras = {"details": 0, "action": 0, "feel": 0, "trouble": 0, "middle": 0}
+    for name, cost, limit in (
+        ("details", 1, details),
+        ("action", 1, 1),
+        ("feel", 1, int(feel)),
+        ("trouble", 2, 0 if no_trouble else 1),
+        ("details", 1, 3),
+        ("middle", 1, 2),
+        ("details", 1, 5),
+    ):
+        while room >= cost and extras[name] < limit:
+            extras[name] += 1
+            room -= cost
+    return extras
 
 
 def _break_reference(rng: random.Random, frames: list[Frame], hero: Character, flaw: str) -> list[Frame]:
