@@ -124,7 +124,17 @@ def create_app(hub: Hub, *, api_key: str | None = None, db: str | None = None) -
     """The API over `hub` (at app.state.hub); with `db`, the web pages and their vote store too."""
     app = FastAPI(title="tristage", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
-    created = int(time.time())
+    _error_handlers(app)
+    if api_key is not None:
+        app.add_middleware(KeyGuard, api_key=api_key)
+    app.include_router(_v1(hub, int(time.time())))
+    if db is not None:
+        _install_web(app, db)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error of the API as an OpenAI-style error body (the pages keep FastAPI's own)."""
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, e: HubError) -> JSONResponse:
@@ -158,8 +168,9 @@ def create_app(hub: Hub, *, api_key: str | None = None, db: str | None = None) -
         log.exception("internal error")
         return _error(500, f"internal server error ({type(e).__name__})", None, "internal_error")
 
-    if api_key is not None:
-        app.add_middleware(KeyGuard, api_key=api_key)
+
+def _v1(hub: Hub, created: int) -> APIRouter:
+    """/v1/models, /v1/chat/completions and /v1/completions."""
     v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
@@ -208,10 +219,7 @@ def create_app(hub: Hub, *, api_key: str | None = None, db: str | None = None) -
         reply = _Reply("text", body, sum(map(len, ids)), _merge(streams, body.n))
         return await _respond(reply, request)
 
-    app.include_router(v1)
-    if db is not None:
-        _install_web(app, db)
-    return app
+    return v1
 
 
 class KeyGuard:

@@ -58,6 +58,29 @@ def advantages(b: rl.Rollouts, rewards: list[float], k: int, cfg: Config, s: loo
     return {"shaped_reward": float(r.mean()), "flat_groups": flat}
 
 
+def policy_loss(cfg: Config, seen: list[tuple[torch.Tensor, torch.Tensor]] | None) -> loop.LossFn:
+    """A micro-batch's clipped surrogate with its answers' advantages, plus beta * k3 per token when the KL is in the
+    loss. With `seen` (one optimizer step per batch) the rollout's log-probs are this forward's own, detached (the
+    ratio is exactly 1), and each micro-batch's (log-probs, entropy) is appended to `seen`."""
+    kl_in_loss = cfg.baseline != "rloo" and cfg.beta > 0
+
+    def loss_fn(wrapped, mb):
+        logp, ent = rl.policy_logprobs(wrapped, mb, cfg.temperature, entropy=seen is not None)
+        if seen is not None:
+            seen.append((logp.detach(), ent))
+        old = logp.detach() if seen is not None else mb["old_logp"]
+        one = torch.ones_like(logp, dtype=torch.bool)[None]
+        w = (1.0 / mb["seq_len"])[None] if cfg.loss_agg == "sequence" else None
+        loss, st = clipped_policy_loss(logp[None], old[None], mb["adv"][None], one, cfg.clip, w)
+        if kl_in_loss:
+            kl = kl_estimate(logp, mb["ref_logp"], "k3")
+            loss = loss + cfg.beta * (kl * (w[0] if w is not None else 1.0)).sum()
+            st["kl_loss"] = kl.detach().sum()
+        return loss, st
+
+    return loss_fn
+
+
 def main(cfg: Config) -> dict:
     rl.check_args(cfg)
     s = loop.start(cfg, "grpo")
@@ -82,26 +105,12 @@ def main(cfg: Config) -> dict:
     loop.announce(s, *notes, f"{cfg.baseline}, {k} answers per prompt, loss {cfg.loss_agg} mean, beta {cfg.beta}; "
                              f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
                              f"prompts per step, {per_step} updates each; {max_steps} steps; {s.dtype}, {s.device}")
-    kl_in_loss = cfg.baseline != "rloo" and cfg.beta > 0
     # One optimizer step per rollout batch (and no KL in the reward, which needs the log-probs before it): the
     # rollout's log-probs are those of the policy as it is at that step, so they come from the step's own forward
-    # (detached: the ratio is exactly 1) instead of a separate no-grad pass over the batch.
+    # instead of a separate no-grad pass over the batch.
     one_step = per_step == 1 and not (cfg.baseline == "rloo" and cfg.beta > 0)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # one_step: (log-probs, entropy) of each micro-batch
-
-    def loss_fn(wrapped, mb):
-        logp, ent = rl.policy_logprobs(wrapped, mb, cfg.temperature, entropy=one_step)
-        if one_step:
-            seen.append((logp.detach(), ent))
-        old = logp.detach() if one_step else mb["old_logp"]
-        one = torch.ones_like(logp, dtype=torch.bool)[None]
-        w = (1.0 / mb["seq_len"])[None] if cfg.loss_agg == "sequence" else None
-        loss, st = clipped_policy_loss(logp[None], old[None], mb["adv"][None], one, cfg.clip, w)
-        if kl_in_loss:
-            kl = kl_estimate(logp, mb["ref_logp"], "k3")
-            loss = loss + cfg.beta * (kl * (w[0] if w is not None else 1.0)).sum()
-            st["kl_loss"] = kl.detach().sum()
-        return loss, st
+    loss_fn = policy_loss(cfg, seen if one_step else None)
 
     def count(mb) -> float:
         return mb["n_seqs"] if cfg.loss_agg == "sequence" else len(mb["lp_tok"])

@@ -270,14 +270,7 @@ def plan_story(
     fixed = dict(first[1]) if first else {}
     flaw = style.flaw
     hero = _pick_hero(rng, req, fixed, flaw)
-    place_name = _fixed_place(fixed) or req.place
-    if place_name is None or place_name not in hero.places or (flaw == "wrong_place" and req.place):
-        options = [p for p in sorted(hero.places) if p != req.place]
-        if "spot" in fixed:  # a continuation that already sat somewhere stays where that is
-            options = [p for p in options if p in SPOTS[fixed["spot"].lower()].places] or options
-        fitting = [p for p in options if req.goal in feasible_goals(hero, PLACES[p], req.mood)]
-        place_name = rng.choice(fitting or options)
-    place = PLACES[place_name]
+    place = PLACES[_place(rng, req, hero, fixed, flaw)]
     mood = req.mood
     if flaw == "wrong_mood" and mood:
         mood = rng.choice([m for m in MOODS if m != mood])
@@ -291,9 +284,7 @@ def plan_story(
     weather = fixed.get("weather") or _weather(rng, time, goal)
     w = Writer(rng, hero, place, time, weather, story_mood)
     w.keep_place = req.place is not None
-
     opening = list(rng.choice(_openings(hero, req, goal, time in DAY and weather not in NO_SUN, first)))
-
     lo, hi = (3, 9) if req.kind == "free" and req.length is None else LENGTHS[req.length]
     if flaw == "wrong_length":
         lo, hi = {"short": (6, 8), "long": (3, 4), None: (2, 3) if rng.random() < 0.5 else (10, 11)}[req.length]
@@ -310,18 +301,7 @@ def plan_story(
     no_trouble = goal == "stars" or time not in DAY  # rain would hide the stars; no sun comes out at night
     extras = _extras(target - core, style.details, ending == "full" and w.mood_extra > 0, no_trouble)
 
-    absurd_at = None
-    if flaw == "absurd":
-        slotted = {
-            act: any(slot_type(n) in ABSURD_KINDS for t in _goal_blocks(goal, act) for n in slot_names(t))
-            for act in ("action", "success")
-        }
-        absurd_at = rng.choice(
-            ["opening"] * 2
-            + ["detail"] * bool(extras["details"])
-            + ["action"] * (bool(extras["action"]) and slotted["action"])
-            + ["outcome"] * (success and ending != "flat" and slotted["success"])
-        )
+    absurd_at = _absurd_at(rng, goal, extras, success and ending != "flat") if flaw == "absurd" else None
 
     def detail():
         moody = w.mood_extra > 0
@@ -363,6 +343,29 @@ def plan_story(
     if flaw in ("pronoun", "switch"):
         frames = _break_reference(rng, frames, hero, flaw)
     return frames
+
+
+def _place(rng: random.Random, req: Request, hero: Character, fixed: dict[str, str], flaw: str | None) -> str:
+    """Where the story happens: the opening's or the request's place when the hero can be there (and the flaw is not
+    a wrong place), else one of the hero's places, preferring those where the requested goal can be reached."""
+    name = _fixed_place(fixed) or req.place
+    if name is None or name not in hero.places or (flaw == "wrong_place" and req.place):
+        options = [p for p in sorted(hero.places) if p != req.place]
+        if "spot" in fixed:  # a continuation that already sat somewhere stays where that is
+            options = [p for p in options if p in SPOTS[fixed["spot"].lower()].places] or options
+        fitting = [p for p in options if req.goal in feasible_goals(hero, PLACES[p], req.mood)]
+        name = rng.choice(fitting or options)
+    return name
+
+
+def _absurd_at(rng: random.Random, goal: str, extras: dict[str, int], outcome: bool) -> str:
+    """Where an absurd story's absurdity goes: the opening, or a detail, the action or the outcome when the story
+    has one with a slot that can take it."""
+    slotted = {act: any(slot_type(n) in ABSURD_KINDS for t in _goal_blocks(goal, act) for n in slot_names(t))
+               for act in ("action", "success")}
+    return rng.choice(["opening"] * 2 + ["detail"] * bool(extras["details"])
+                      + ["action"] * (bool(extras["action"]) and slotted["action"])
+                      + ["outcome"] * (outcome and slotted["success"]))
 
 
 def _openings(hero: Character, req: Request, goal: str, sunny: bool,
