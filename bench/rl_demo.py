@@ -1,12 +1,13 @@
 """RLHF on the demo world: PPO and GRPO from the demo's SFT model, judged by the gold scorer against the SFT model.
 
     .venv/bin/python bench/rl_demo.py --demo runs/demo            # after `make demo` (its sft/, reward/, world/)
-    .venv/bin/python bench/rl_demo.py --demo runs/demo --only ppo grpo_gold
+    .venv/bin/python bench/rl_demo.py --demo runs/demo --only ppo ppo_gold grpo_gold
 
 Runs, each a real `tristage` command writing runs/rl_demo/<name>/ (metrics.jsonl, curves.png, model/, best/):
   ppo        PPO against the demo's reward model (KL in the reward, value model from the reward model)
   grpo_rm    GRPO against the same reward model
   grpo_gold  GRPO with the gold scorer itself as a verifier reward: the ceiling of what the reward model could give
+  ppo_gold   PPO with the same flags as ppo, the gold scorer as its reward (value model from the policy): PPO's ceiling
 Each final policy then answers the 200 held-out eval prompts greedily beside the SFT model
 (tristage.eval.world.compare_to_reference): mean gold score, the gain over SFT with its paired 95% interval, the
 win rate, and KL(policy || SFT) per answer on sampled answers. The demo's conservative DPO model is evaluated the
@@ -42,6 +43,8 @@ def runs(demo: Path) -> dict[str, list[str]]:
     return {
         "ppo": ["ppo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "32", "--lr", "2e-5",
                 "--value-lr", "1e-4", "--beta", "0.1", *COMMON],
+        "ppo_gold": ["ppo", str(sft), "--reward", "gold", *prompts, "--batch-size", "32", "--lr", "2e-5",
+                     "--value-lr", "1e-4", "--beta", "0.1", *COMMON],
         "grpo_rm": ["grpo", str(sft), "--reward", str(rm), *prompts, "--batch-size", "8", "--num-samples", "8",
                     "--lr", "3e-5", "--beta", "0.04", *COMMON],
         "grpo_gold": ["grpo", str(sft), "--reward", "gold", *prompts, "--batch-size", "8", "--num-samples", "8",
@@ -89,7 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="runs/demo", help="a finished `tristage demo` folder")
     ap.add_argument("--out", default="runs/rl_demo")
-    ap.add_argument("--only", nargs="*", help="run only these (ppo, grpo_rm, grpo_gold)")
+    ap.add_argument("--only", nargs="*", help="run only these (ppo, ppo_gold, grpo_rm, grpo_gold)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the existing runs without training")
     ap.add_argument("--headline", action="store_true",
                     help="train the 4x SFT model (unless --eval-only) and judge every policy against it")

@@ -102,6 +102,23 @@ def test_ppo_moves_every_parameter_and_writes_loadable_folders(world, tmp_path):
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
 
 
+def test_ppo_with_a_function_as_the_reward_starts_the_value_model_from_the_policy(world, tmp_path):
+    """--reward python:... (or gold): no reward model; the value model is a new head on the policy, and the
+    scores the advantages start from are the function's."""
+    out = tmp_path / "ppo_fn"
+    fn = f"python:{world / 'rewards.py'}:woof"
+    m = ppo.main(parse(ppo.Config, _ppo(world, out, "--reward", fn, "--gold", fn)))
+    before, after = _weights(world / "policy"), _weights(out / "model")
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+    value = _weights(out / "value")
+    shared = [k for k in value if k != "score.weight" and k in before]
+    assert shared and "score.weight" in value and value["score.weight"].shape[0] == 1
+    rows = [r for r in _metrics(out) if "reward" in r]
+    assert _all_finite(rows) and len(rows) == 3
+    assert all(r["reward"] == pytest.approx(r["gold"]) for r in rows)  # the same function: the same scores
+    assert "explained_variance" in m
+
+
 @pytest.mark.parametrize("variant", [("grpo", "token"), ("rloo", "token"), ("grpo-unscaled", "sequence")])
 def test_grpo_moves_every_parameter(world, tmp_path, variant):
     baseline, agg = variant

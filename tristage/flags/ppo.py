@@ -14,10 +14,11 @@ class Config(RLArgs, TrainConfig):
     """PPO against a reward model (RLHF), from an SFT model."""
 
     model: str = arg(help="starting policy folder (the SFT model; also the reference)", positional=True)
-    reward: str = arg(help="reward model folder (tristage reward), or rm:PATH")
+    reward: str = arg(help="reward: a reward-model folder (tristage reward, or rm:PATH) | gold (the demo world's "
+                           "scorer) | python:MODULE:FUNCTION, f(prompt, [answers]) -> [scores]")
     out: str = arg("runs/ppo", help="run folder: config.yaml, metrics.jsonl, curves.png, model/, best/, value/")
-    value_model: str = arg("reward", help="value model start: reward (the reward model) | policy | a reward-model "
-                                          "folder")
+    value_model: str = arg("reward", help="value model start: reward (the reward model; the policy when the "
+                                          "reward is a function) | policy | a reward-model folder")
     ppo_epochs: int = arg(4, check=">=1", help="passes over each rollout batch")
     beta: float = arg(0.05, check=">=0", help="KL coefficient: -beta * KL(policy || reference) per token, in the "
                                               "reward (not in the loss)")

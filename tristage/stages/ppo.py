@@ -3,6 +3,7 @@
     tristage ppo runs/sft/model --reward runs/reward/model --prompts prompts.jsonl --out runs/ppo
     tristage ppo runs/sft/model --reward runs/reward/model --prompts p.jsonl --gold gold      # demo world: + gold
     tristage ppo runs/sft/model --reward runs/reward/model --prompts p.jsonl --kl-target 3    # adaptive KL
+    tristage ppo runs/sft/model --reward gold --prompts p.jsonl            # a verifier or python:MODULE:FUNCTION
 
 The algorithm (InstructGPT's form; the estimators are pure functions in tristage/train/rl.py):
 1. Rollout: each prompt of a batch gets one answer sampled from the policy (the shared engine, KV cache, one seed
@@ -22,7 +23,9 @@ The algorithm (InstructGPT's form; the estimators are pure functions in tristage
 Choices, and why:
 - The value model starts from the reward model (--value-model reward, the default: at the answer's last token its
   value already equals the reward, which makes the first critic estimates sensible) or the policy (--value-model
-  policy: a new head on a copy of the SFT model) or another reward-model folder. Its weights travel in
+  policy: a new head on a copy of the SFT model) or another reward-model folder. With a function as the reward
+  (`gold`, `python:MODULE:FUNCTION`: a verifier, or the demo world's gold scorer to see PPO's ceiling) there is no
+  reward model, and `reward` means the policy. Its weights travel in
   training_state.pt, so a checkpoint stays a plain Hugging Face policy folder; out/value is written at the end
   (a reward-model folder, for inspection).
 - --max-steps counts rollout batches; the optimizer takes ppo_epochs x num_minibatches steps per batch, and the
@@ -81,10 +84,19 @@ def values_at(value: ScoreModel, input_ids: Tensor, row: Tensor, pos: Tensor) ->
     return value(input_ids)[row, pos, 0].float()
 
 
-def value_start(cfg: Config, s: loop.Session, reward_folder: str, tokenizer: Any) -> ScoreModel:
+def reward_model_folder(spec: str) -> str | None:
+    """The reward model's folder of --reward (a folder or rm:PATH); None for a function (gold, python:...)."""
+    kind, _, rest = spec.partition(":")
+    if (kind == "gold" and not rest) or (kind == "python" and rest):
+        return None
+    return spec.removeprefix("rm:")
+
+
+def value_start(cfg: Config, s: loop.Session, reward_folder: str | None, tokenizer: Any) -> ScoreModel:
     """The value model: the resumed run's, else from the reward model, the policy or a folder (--value-model). It
-    reads the policy's token ids, so a reward-model start must share the policy's vocabulary."""
-    if cfg.value_model == "policy":
+    reads the policy's token ids, so a reward-model start must share the policy's vocabulary. With a function as
+    the reward there is no reward model to start from: `reward` means the policy."""
+    if cfg.value_model == "policy" or (cfg.value_model == "reward" and reward_folder is None):
         vm = value_model_from(load_model(cfg.model, device=s.device, dtype=torch.float32), seed=cfg.seed)
     else:
         folder = reward_folder if cfg.value_model == "reward" else cfg.value_model
@@ -119,12 +131,13 @@ def main(cfg: Config) -> dict:
     s = loop.start(cfg, "ppo")
     if s.state is not None:
         loop.model_config(s.ckpt)
-    reward_folder = cfg.reward.removeprefix("rm:")
-    loop.model_config(reward_folder, "reward")
+    reward_folder = reward_model_folder(cfg.reward)
+    if reward_folder is not None:
+        loop.model_config(reward_folder, "reward")
     ctx = rl.fit_answer_length(cfg)
     tokenizer = loop.chat_tokenizer(cfg.model)
     train, val, notes = rl.load_prompt_splits(cfg, tokenizer, ctx - cfg.max_new_tokens)
-    reward = rl.make_scorer(reward_folder, s, 1 << 30, "--reward")
+    reward = rl.make_scorer(cfg.reward, s, 1 << 30, "--reward")
     gold = rl.make_scorer(cfg.gold, s, 1 << 30, "--gold") if cfg.gold else None
     policy = loop.load_policy(s)
     ref = load_model(cfg.ref_model or cfg.model, device=s.device, dtype=torch.float32).eval().requires_grad_(False)
@@ -143,7 +156,7 @@ def main(cfg: Config) -> dict:
         monitor.load_state_dict(s.state["monitor"])
     loop.announce(s, *notes, f"{len(train)} train / {len(val)} held-out prompts; {cfg.batch_size} x {d.world_size} "
                              f"answers per step, {per_step} updates each; {max_steps} steps; value model from "
-                             f"{cfg.value_model}; {s.dtype}, {s.device}")
+                             f"{cfg.value_model if reward_folder is not None else 'policy'}; {s.dtype}, {s.device}")
     def loss_fn(wrapped, mb):
         logp, v = wrapped(mb, cfg.temperature)
         one = torch.ones_like(logp, dtype=torch.bool)[None]
