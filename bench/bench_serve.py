@@ -1,7 +1,7 @@
 """Serving under load: `tristage serve` against `transformers serve --continuous-batching` on the same model folder,
 the same requests, in the same run.
 
-    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 3] [--rounds 3] [--no-write]
+    .venv/bin/python bench/bench_serve.py [--clients 1 4 16] [--requests-per-client 6] [--rounds 3] [--no-write]
 
 The model: a random Llama (vocab 4096 byte-level BPE trained on this repository's text, hidden 256, 6 layers, 8
 heads, 4 KV heads, intermediate 768, untied, ~7M parameters, fp32) saved by tristage as a Hugging Face folder; both
@@ -13,7 +13,9 @@ once with a seed and sent in the same order to both servers by N concurrent clie
 when the last one ends), N = 1, 4, 16, max(6, N * --requests-per-client) requests per level. Two configurations:
 each server with its defaults, and both with OMP_NUM_THREADS=1 (one torch thread each).
 Reported per server and level: time to first token (TTFT) and time per output token after the first (TPOT) as
-p50 / p90 / p99 over requests, inter-token gaps p99, total output tokens per second (all tokens / wall time), and
+p50 / p90 / p99 over requests, inter-token gaps p99, output tokens per second at full concurrency (the tokens that
+arrived while all N clients had a request in flight, from the start to the last request sent, over that time) and
+over the whole run (all tokens / wall time: the drain at the end, with fewer than N clients left, included), and
 errors (HTTP errors, broken streams, answers whose token count is not max_tokens). One server runs at a time, after
 an untimed warm-up, --rounds times per configuration, the two taking turns; each level reports its median round
 (the shared machine's speed drifts from run to run, by 20% and more, for both servers alike); the client is a minimal asyncio HTTP/1.1 reader, so its own CPU cost stays small (it is
@@ -77,6 +79,7 @@ class Result:
     times: list[float] = field(default_factory=list)  # arrival time of each token
     tokens: int = 0
     error: str | None = None
+    sent: float = 0.0  # when the client sent it (perf_counter)
 
 
 async def stream_chat(port: int, body: dict, res: Result) -> None:
@@ -129,8 +132,9 @@ async def stream_chat(port: int, body: dict, res: Result) -> None:
         writer.close()
 
 
-async def load(port: int, model: str, reqs: list[tuple[str, int]], clients: int) -> tuple[list[Result], float]:
-    """`clients` workers send the requests in order, each one at a time: -> results and wall time."""
+async def load(port: int, model: str, reqs: list[tuple[str, int]], clients: int) -> tuple[list[Result], float, float]:
+    """`clients` workers send the requests in order, each one at a time: -> results, wall time and the start time
+    (perf_counter)."""
     results = [Result() for _ in reqs]
     todo = iter(range(len(reqs)))
 
@@ -139,11 +143,12 @@ async def load(port: int, model: str, reqs: list[tuple[str, int]], clients: int)
             text, max_tokens = reqs[i]
             body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
                     "temperature": 0, "stream": True}
+            results[i].sent = time.perf_counter()
             await stream_chat(port, body, results[i])
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
-    return results, time.perf_counter() - t0
+    return results, time.perf_counter() - t0, t0
 
 
 def requests(n: int, seed: int) -> list[tuple[str, int]]:
@@ -211,13 +216,24 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def summarize(results: list[Result], wall: float) -> dict:
+def full_concurrency(results: list[Result], t0: float) -> float:
+    """Output tokens/s while every client had a request in flight: from the start to the last request sent (after
+    it, the next client to finish finds no work and the load drains). Tokens that arrived in that window / its
+    length."""
+    end = max(r.sent for r in results)
+    if end <= t0:
+        return float("nan")
+    return sum(t <= end for r in results for t in r.times) / (end - t0)
+
+
+def summarize(results: list[Result], wall: float, t0: float) -> dict:
     ok = [r for r in results if r.error is None]
     tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in ok if len(r.times) > 1]
     gaps = [b - a for r in ok for a, b in zip(r.times, r.times[1:])]
     return {"requests": len(results), "errors": len(results) - len(ok),
             "first_error": next((r.error for r in results if r.error), None),
             "tokens": sum(r.tokens for r in results), "tok_s": sum(r.tokens for r in results) / wall, "wall": wall,
+            "tok_s_full": full_concurrency(results, t0),
             **{f"ttft_p{q}": pct([r.ttft for r in ok], q) for q in (50, 90, 99)},
             **{f"tpot_p{q}": pct(tpot, q) for q in (50, 90, 99)}, "gap_p99": pct(gaps, 99)}
 
@@ -228,19 +244,20 @@ def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp:
     p, name = start(kind, folder, port, tmp / f"{kind}-{config}.log", env)
     out = {}
     try:
-        warm, _ = asyncio.run(load(port, name, requests(4, seed=99), 4))  # untimed: first-request costs
+        warm, _, _ = asyncio.run(load(port, name, requests(4, seed=99), 4))  # untimed: first-request costs
         if any(r.error for r in warm):
             print(f"  {kind} warm-up errors: {[r.error for r in warm if r.error][:2]}", flush=True)
         for n in levels:
             reqs = requests(max(6, n * per_client), seed=n)
             b0, s0, c0 = busy_seconds(), proc_cpu(p.pid), own_seconds()
-            results, wall = asyncio.run(load(port, name, reqs, n))
+            results, wall, t0 = asyncio.run(load(port, name, reqs, n))
             server_cpu, client_cpu = proc_cpu(p.pid) - s0, own_seconds() - c0
             others = busy_seconds() - b0 - server_cpu - client_cpu
-            s = summarize(results, wall)
+            s = summarize(results, wall, t0)
             s.update(server_cpu=server_cpu / wall, client_cpu=client_cpu / wall, others_cpu=max(0.0, others) / wall)
             out[n] = s
-            print(f"  {config:10s} {kind:12s} clients {n:3d}: {s['tok_s']:7.1f} tok/s, TTFT p50 "
+            print(f"  {config:10s} {kind:12s} clients {n:3d}: {s['tok_s']:7.1f} tok/s ({s['tok_s_full']:7.1f} at full "
+                  f"concurrency), TTFT p50 "
                   f"{s['ttft_p50'] * 1e3:7.1f} ms, TPOT p50 {s['tpot_p50'] * 1e3:6.1f} ms, errors {s['errors']} "
                   f"(server {s['server_cpu']:.2f} / client {s['client_cpu']:.2f} / others {s['others_cpu']:.2f} "
                   f"cores)" + (f" first error: {s['first_error']}" if s["errors"] else ""), flush=True)
@@ -250,12 +267,15 @@ def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp:
 
 
 def median_round(rounds: list[dict]) -> dict:
-    """Per level, the round with the median output tokens/s (the lower middle of an even count), with every
-    round's tokens/s under "rounds" and every round's errors counted under "errors_all"."""
+    """Per level, the round with the median output tokens/s at full concurrency (the lower middle of an even
+    count), with the median whole-run tokens/s, every round's figures under "rounds" / "rounds_full" and every
+    round's errors counted under "errors_all"."""
     out = {}
     for n in rounds[0]:
-        by_speed = sorted((r[n] for r in rounds), key=lambda s: s["tok_s"])
-        out[n] = {**by_speed[(len(by_speed) - 1) // 2], "rounds": [r[n]["tok_s"] for r in rounds],
+        by_speed = sorted((r[n] for r in rounds), key=lambda s: s["tok_s_full"])
+        whole = sorted(r[n]["tok_s"] for r in rounds)
+        out[n] = {**by_speed[(len(by_speed) - 1) // 2], "tok_s": whole[(len(whole) - 1) // 2],
+                  "rounds": [r[n]["tok_s"] for r in rounds], "rounds_full": [r[n]["tok_s_full"] for r in rounds],
                   "errors_all": sum(r[n]["errors"] for r in rounds)}
     return out
 
@@ -264,11 +284,11 @@ def median_round(rounds: list[dict]) -> dict:
 def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
     top = max(args.clients)
 
-    def ratio(config: str, n: int) -> float:
-        return res[config]["tristage"][n]["tok_s"] / res[config]["transformers"][n]["tok_s"]
+    def ratio(config: str, n: int, key: str = "tok_s_full") -> float:
+        return res[config]["tristage"][n][key] / res[config]["transformers"][n][key]
 
     def cpu_ms(s: dict) -> float:
-        return s["server_cpu"] / s["tok_s"] * 1e3
+        return s["server_cpu"] * s["wall"] / s["tokens"] * 1e3  # the round's own CPU time per token
 
     errs = sum(s["errors_all"] for c in res.values() for k in c.values() for s in k.values())  # every round's
     import torch
@@ -276,11 +296,13 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
 
     d, o = res["defaults"], res.get("one-thread")
     head = (f"**{ratio('defaults', top):.2f}x the output tokens/s of `transformers serve --continuous-batching` at "
-            f"{top} concurrent streaming clients, each server with its defaults** ({d['tristage'][top]['tok_s']:.0f} "
-            f"vs {d['transformers'][top]['tok_s']:.0f} tok/s)")
+            f"{top} concurrent streaming clients (while all {top} have a request in flight), each server with its "
+            f"defaults** ({d['tristage'][top]['tok_s_full']:.0f} vs {d['transformers'][top]['tok_s_full']:.0f} "
+            f"tok/s); over the whole run, the drain at its end included, {ratio('defaults', top, 'tok_s'):.2f}x")
     if o:
-        head += (f"; **{ratio('one-thread', top):.2f}x with one torch thread each** "
-                 f"({o['tristage'][top]['tok_s']:.0f} vs {o['transformers'][top]['tok_s']:.0f} tok/s)")
+        head += (f"; with one torch thread each **{ratio('one-thread', top):.2f}x** "
+                 f"({o['tristage'][top]['tok_s_full']:.0f} vs {o['transformers'][top]['tok_s_full']:.0f} tok/s), "
+                 f"whole run {ratio('one-thread', top, 'tok_s'):.2f}x")
     lines = [head + f"; {errs} errors in all; same model folder, same requests, same run.", "",
              "```", f".venv/bin/python bench/bench_serve.py --clients {' '.join(map(str, args.clients))} "
              f"--requests-per-client {args.requests_per_client} --rounds {args.rounds}", "```", "",
@@ -290,8 +312,11 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
              "runs to max_tokens (the token counts are checked: a stream with another count is an error). Streaming "
              "chat completions, greedy, user messages of 8-64 words, max_tokens 32-128, the same requests in the same "
              f"order to both; N clients each send their next request when the last ends, max(6, {args.requests_per_client}"
-             f" x N) requests per level. Each server ran {args.rounds} time(s) per configuration, the two taking "
-             "turns; each row is the level's median round by tokens/s (the machine's speed drifts between runs, for "
+             f" x N) requests per level. Throughput is measured two ways: at full concurrency (output tokens that arrived while every "
+             "client had a request in flight, from the start to the moment the last request was sent, over that "
+             "time: the load the level names) and over the whole run (all tokens / wall time, including the drain "
+             "at the end, when clients run out of requests and fewer than N remain). Each server ran {args.rounds} time(s) per configuration, the two taking "
+             "turns; each row is the level's median round by tokens/s at full concurrency (the whole-run column: the median of the rounds) (the machine's speed drifts between runs, for "
              "both servers), and the ratios are of those medians. `tristage serve bench=MODEL` (defaults: --max-batch "
              "32, fp32, CPU; the "
              "engine runs in a process of its own with torch threads = CPUs - 1 = 1 here, beside the HTTP process) "
@@ -305,21 +330,24 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
              f"Machine: 2 vCPU shared with other jobs, torch {torch.__version__}, no GPU; share of both cores "
              f"busy just before the run: {load_before:.0%}. The cores columns are CPU-seconds per second of the "
              "run: the server, this bench's client, and every other process on the machine (other jobs' load).", "",
-             "| config | server | clients | tok/s | tok/s of each round | TTFT p50 / p90 / p99 (ms) | "
+             "| config | server | clients | tok/s, full concurrency | of each round | tok/s, whole run | of each round "
+             "| TTFT p50 / p90 / p99 (ms) | "
              "TPOT p50 / p90 / p99 (ms) | gap p99 (ms) | errors | CPU / token (ms) | cores: server / client / others |",
-             "|---|---|---:|---:|---|---|---|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---|---:|---|---|---|---:|---:|---:|---|"]
     for config, by_kind in res.items():
         for kind in ("tristage", "transformers"):
             for n, s in by_kind[kind].items():
-                lines.append(f"| {config} | {kind} | {n} | {s['tok_s']:.1f} | "
+                lines.append(f"| {config} | {kind} | {n} | {s['tok_s_full']:.1f} | "
+                             f"{' / '.join(f'{x:.0f}' for x in s['rounds_full'])} | {s['tok_s']:.1f} | "
                              f"{' / '.join(f'{x:.0f}' for x in s['rounds'])} | {s['ttft_p50'] * 1e3:.0f} / "
                              f"{s['ttft_p90'] * 1e3:.0f} / {s['ttft_p99'] * 1e3:.0f} | {s['tpot_p50'] * 1e3:.1f} / "
                              f"{s['tpot_p90'] * 1e3:.1f} / {s['tpot_p99'] * 1e3:.1f} | {s['gap_p99'] * 1e3:.1f} | "
                              f"{s['errors']} | {cpu_ms(s):.2f} | {s['server_cpu']:.2f} / {s['client_cpu']:.2f} / "
                              f"{s['others_cpu']:.2f} |")
     for config in res:
-        lines += ["", f"Ratio of output tokens/s (tristage / transformers), {config}: " + ", ".join(
-            f"{n} clients {ratio(config, n):.2f}x" for n in args.clients) + "."]
+        lines += ["", f"Ratio of output tokens/s (tristage / transformers), {config}: at full concurrency " + ", ".join(
+            f"{n} clients {ratio(config, n):.2f}x" for n in args.clients) + "; whole run " + ", ".join(
+            f"{n} clients {ratio(config, n, 'tok_s'):.2f}x" for n in args.clients) + "."]
     if o:
         low = min(args.clients)
         met = {c: ratio(c, top) >= 2 for c in res}
@@ -359,7 +387,7 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--requests-per-client", type=int, default=6)
     ap.add_argument("--servers", nargs="+", default=["tristage", "transformers"])
     ap.add_argument("--configs", nargs="+", default=["defaults", "one-thread"], choices=["defaults", "one-thread"])
     ap.add_argument("--rounds", type=int, default=3, help="each server this many times per configuration, taking "

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from tristage.model.gpt import ModelConfig, build_model
-from tristage.serve.engine import ContinuousBatch, Engine, Request, SamplingParams, filter_logits, sample_rows
-from tristage.serve.packed import PackedLinear, packed
+from tristage.serve.engine import (
+    ContinuousBatch,
+    Engine,
+    Request,
+    SamplingParams,
+    filter_logits,
+    prefill,
+    sample_rows,
+)
+from tristage.serve.packed import FusedPart, PackedLinear, packed
 
 V = 67
 
@@ -63,6 +71,24 @@ def test_greedy_requests_joining_at_different_steps_equal_each_alone(model):
     assert not batch.busy and len(batch.rows) <= 4
 
 
+def test_requests_prefilled_elsewhere_equal_each_alone(model):
+    """add_prefilled (a prefill process's rows) mixed with plain add, more requests than rows: every request gets
+    what it gets alone, and a prefilled request can be cancelled before it has a row."""
+    prompts, max_new = prompts_of([5, 12, 1, 30, 7], seed=4), [20, 9, 33, 14, 6]
+    alone = [Engine(model).generate([p], SamplingParams(max_new_tokens=m, temperature=0))[0].tokens
+             for p, m in zip(prompts, max_new)]
+    reqs = [Request(i, p, SamplingParams(max_new_tokens=m, temperature=0)) for i, (p, m) in
+            enumerate(zip(prompts, max_new))]
+    batch = ContinuousBatch(model, max_rows=2)
+    batch.add(reqs[0])
+    for q in reqs[1:4]:
+        batch.add_prefilled(prefill(batch.model, [q])[0])  # two of them wait for a row, prefilled
+    batch.add_prefilled(prefill(batch.model, [Request("gone", prompts[0], SamplingParams(max_new_tokens=5))])[0])
+    assert batch.cancel("gone")
+    got = run(batch, {3: [reqs[4]]})
+    assert "gone" not in got and [got[i][0] for i in range(5)] == alone
+
+
 def test_sampled_rows_depend_on_their_own_seed_only(model):
     p = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, top_k=20)
 
@@ -107,9 +133,18 @@ def test_holes_are_compacted_and_the_cache_grows_on_demand(model):
     for _ in range(3):
         batch.step()
     assert len(batch.rows) == 1 and batch.running == 1  # three holes of four: compacted
+    assert batch.kb[0].shape[0] == 4 and batch.ks[0].shape[0] == 1  # a view of the buffers' first row
+    kb = batch.kb[0]
+    for _ in range(2):
+        batch.add(Request(10 + _, prompts_of([4])[0], SamplingParams(max_new_tokens=2, temperature=0)))
+    batch.step()
+    assert len(batch.rows) == 3 and batch.kb[0] is kb  # rows within the buffers' room: no new buffers
+    while batch.ks[0].shape[2] < 96:
+        batch.step()
+    assert batch.busy and batch.kb[0].shape[0] == 8  # past 64 slots, up to the context; room for 2x the rows
     for _ in range(60):
         batch.step()
-    assert not batch.busy and batch.ks[0].shape[2] == 96  # grew past 64 slots, up to the context
+    assert not batch.busy and batch.kb[0].numel() == 0  # idle: no cache held
 
 
 def test_add_refuses_a_prompt_without_room(model):
@@ -142,6 +177,8 @@ def packed_everywhere(model):
     for m in [*fast.modules(), fast.logits]:
         if isinstance(m, PackedLinear):
             m.min_rows = 1
+        if isinstance(m, FusedPart):
+            m.group.min_rows = 1
     return fast
 
 
@@ -152,6 +189,29 @@ def test_packed_linears_equal_the_model_and_leave_it_unchanged(model):
     ids = torch.tensor(prompts_of([7, 7], seed=3))
     with torch.inference_mode():
         assert torch.allclose(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projections_are_one_product_and_equal_the_layers(model):
+    """q, k, v (and gate, up) of the packed copy are one product on their shared input; a layer called with another
+    input (a model read at a few positions) gets its own product; both equal the model."""
+    fast = packed_everywhere(model)
+    attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
+    assert {type(attn.q_proj), type(attn.k_proj), type(attn.v_proj), type(mlp.gate_proj)} == {FusedPart}
+    assert attn.q_proj.group is attn.v_proj.group and mlp.gate_proj.group is mlp.up_proj.group
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    x = torch.randn(3, 4, model.config.hidden_size)
+    with torch.inference_mode():
+        torch.ops.mkldnn._linear_pointwise = lambda *a: calls.append(a[1].shape) or real(*a)
+        try:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            other = attn.k_proj(x.clone())  # not the input the group's product was computed on
+        finally:
+            torch.ops.mkldnn._linear_pointwise = real
+        ref = model.model.layers[0].self_attn
+        for got, lin in [(q, ref.q_proj), (k, ref.k_proj), (v, ref.v_proj), (other, ref.k_proj)]:
+            assert torch.allclose(got, lin(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1  # one product for the three
 
 
 def test_greedy_rows_on_packed_linears_equal_each_alone(model):

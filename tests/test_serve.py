@@ -50,10 +50,13 @@ def folders(tiny_shards, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(folders):
-    """(base_url, hub): both models served, "a" by its folder's name (runs/a/model -> a), "b" as NAME=PATH."""
-    hub = Hub.load([str(folders / "a" / "model"), f"b={folders / 'b' / 'model'}"], max_batch=8)
+@pytest.fixture(scope="module", params=[0, 1], ids=["in-process-prefill", "prefill-process"])
+def server(folders, request):
+    """(base_url, hub): both models served, "a" by its folder's name (runs/a/model -> a), "b" as NAME=PATH; the
+    prompts prefilled in the engine process, or in a prefill process beside it (`tristage serve`'s default on a
+    CPU with 2 cores or more)."""
+    hub = Hub.load([str(folders / "a" / "model"), f"b={folders / 'b' / 'model'}"], max_batch=8,
+                   prefill_threads=request.param)
     url, stop = serve_in_thread(create_app(hub, api_key=KEY))
     yield url, hub
     stop()
@@ -246,7 +249,8 @@ def test_bad_text_completions_and_the_server_stays_up(server, client):
 
 def break_engine(hub: Hub, name: str) -> object:
     """Send the engine a request the hub would refuse (a token id past the vocabulary): its prefill raises inside a
-    step, in the engine process, which fails every request then in the batch. -> what that request got."""
+    step, in the engine process, which fails every request then in the batch; or in the prefill process, which
+    fails that request only. -> what that request got."""
     async def go():
         sink = hub.batchers[name].submit([Request(("bad", time.monotonic()), [10 ** 6], SamplingParams(2))])
         return await asyncio.wait_for(sink.get(), 30)
@@ -272,12 +276,13 @@ def test_an_engine_failure_fails_its_requests_only(server, client):
         except openai.InternalServerError as e:
             failed.append(e.body["type"])
 
+    prefilling = hub.batchers["b"].prefiller is not None  # a bad prompt never reaches the engine's batch
     t = threading.Thread(target=whole)
     t.start()
     wait_running(hub, "b", 1)
     assert isinstance(break_engine(hub, "b"), IndexError)
     t.join(timeout=30)
-    assert failed == ["server_error"]
+    assert failed == ([] if prefilling else ["server_error"])
     with httpx.stream("POST", url + "/v1/chat/completions", json={**long, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
         lines = resp.iter_lines()
@@ -285,7 +290,11 @@ def test_an_engine_failure_fails_its_requests_only(server, client):
         wait_running(hub, "b", 1)  # and its row decodes
         assert isinstance(break_engine(hub, "b"), IndexError)
         events += [line for line in lines if line]
-    assert resp.status_code == 200 and json.loads(events[-1][6:])["error"]["type"] == "server_error"
+    assert resp.status_code == 200
+    if prefilling:
+        assert events[-1] == "data: [DONE]"
+    else:
+        assert json.loads(events[-1][6:])["error"]["type"] == "server_error"
     assert client.chat.completions.create(model="b", messages=HI, max_tokens=5).usage.completion_tokens == 5
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tristage.config import arg
 from tristage.flags.base import device_problem, dtype_problem
@@ -31,9 +32,14 @@ class Config:
     max_batch: int = arg(32, check=">=1", help="rows decoded together per model at most (n > 1 takes n rows); "
                                               "more requests wait for a row")
     threads: int = arg(0, check=">=0", help="CPU threads of each model's engine process (torch intra-op threads); "
-                                            "0: the number of CPUs minus one, leaving one to the HTTP process "
+                                            "0: the number of CPUs minus one (and minus the prefill process's: a "
+                                            "third of the rest, at least one), leaving one to the HTTP process "
                                             "(tokens to text, sending events) so the two do not take turns on the "
                                             "same cores")
+    prefill_process: Literal["auto", "on", "off"] = arg(
+        "auto", help="prefill prompts in a process of their own beside each model's engine process, so a prompt's "
+                     "forward pass and the decode steps run on different cores: on | off | auto (on for a CPU model "
+                     "where there are 2 CPUs or more)")
     device: str = arg("cpu", check=device_problem, help="cpu, cuda, cuda:1, mps, or auto")
     dtype: str = arg("float32", check=dtype_problem, help="float32, bfloat16, float16, or auto")
     log_level: str = arg("info", help="the server's log level: critical, error, warning, info, debug")

@@ -1,7 +1,8 @@
 """Each served model's engine runs in a process of its own: requests go to it through a pipe, its tokens come back
 to each request's asyncio queue.
 
-    batcher = Batcher(model, max_rows=32, name="sft")   # starts the engine process
+    batcher = Batcher(model, max_rows=32, name="sft")   # starts the engine process (and a prefill process:
+                                                        # prefill_threads > 0)
     batcher.wait_ready()                # optional: until it can decode (the first request waits for it anyway)
     tokens = batcher.submit([Request(key, prompt_ids, params, generator)])  # from a coroutine: an asyncio.Queue
     token = await tokens.get()          # engine.Token, or an Exception when the engine failed
@@ -26,6 +27,14 @@ Choices, and why:
 - A reader thread here waits on the pipe and hands each step's tokens to the event loop with one
   `loop.call_soon_threadsafe` (not one per token), into each request's own `asyncio.Queue`. Commands are sent from
   the caller's thread; the reader never sends, so a full pipe one way cannot block the other.
+- On a CPU, a second process can prefill the prompts (`prefill_threads` > 0; `tristage serve` starts one where
+  there are 2 CPUs or more): the prompt's forward pass runs there, beside the decode steps, and its keys, values
+  and first logits go to the engine process (numpy arrays through a pipe), which copies them into a free row at
+  its next step (`ContinuousBatch.add_prefilled`). Profiled under bench/bench_serve.py's load at 16 clients, the
+  prefill was a quarter of the engine process's time, on a core the decode steps never used. Requests go to the
+  prefill process, which sends the engine every prefilled request in order (or its error: an empty or too long
+  prompt), and every cancel it did not resolve itself after them, so the engine always knows the request a cancel
+  names. The engine waits for the prefill process to be ready before it is.
 - A step that raises fails the requests then in the batch (they get the exception) and the engine goes on: one bad
   request cannot take the model's endpoint down. If the process itself dies (killed, out of memory), its requests
   and later ones fail with `EngineGone` (a 500), and the log says so.
@@ -45,14 +54,15 @@ import shutil
 import signal
 import threading
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 import torch
 import torch.multiprocessing as mp
 
 from tristage.io import UserError
 from tristage.model.gpt import GPT
-from tristage.serve.engine import ContinuousBatch, Request, Token
+from tristage.serve.engine import ContinuousBatch, Prefilled, Request, Token, check_prompt, prefill
+from tristage.serve.packed import packed
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +72,8 @@ class EngineGone(RuntimeError):
 
 
 class Batcher:
-    def __init__(self, model: GPT, *, max_rows: int = 32, name: str = "model", threads: int | None = None):
+    def __init__(self, model: GPT, *, max_rows: int = 32, name: str = "model", threads: int | None = None,
+                 prefill_threads: int = 0):
         self.name = name
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -71,10 +82,23 @@ class Batcher:
             model = copy.deepcopy(model).cpu()
         _check_shared_memory(model, name)
         model.share_memory()  # what pickling to the process would do anyway; said here
+        self.prefiller: mp.Process | None = None
+        self.pconn: Connection | None = None
+        prefilled = None  # the prefill process's pipe to the engine process (its receiving end)
+        if prefill_threads > 0:
+            self.pconn, p_child = ctx.Pipe()
+            prefilled, p_out = ctx.Pipe(duplex=False)
+            self.prefiller = ctx.Process(target=_prefill_process, name=f"prefill-{name}", daemon=True,
+                                         args=(model, device, prefill_threads, p_child, p_out))
+            self.prefiller.start()
+            p_child.close()
+            p_out.close()
         self.proc = ctx.Process(target=_engine_process, name=f"engine-{name}", daemon=True,
-                                args=(model, device, max_rows, threads or torch.get_num_threads(), child))
+                                args=(model, device, max_rows, threads or torch.get_num_threads(), child, prefilled))
         self.proc.start()
         child.close()  # the process holds its end; ours closed, its exit is an EOF here
+        if prefilled is not None:
+            prefilled.close()
         self.lock = threading.Lock()  # sinks and gone: the event loop's thread and the reader's
         self.send_lock = threading.Lock()  # one message at a time on the pipe (cancel may come from any thread)
         self.sinks: dict[object, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -97,7 +121,7 @@ class Batcher:
             gone = self.gone
             if not gone:
                 self.sinks.update((q.key, (loop, tokens)) for q in reqs)
-        if gone or not self._send(("add", [_by_pipe(q) for q in reqs])):
+        if gone or not self._send(("add", [_by_pipe(q) for q in reqs]), self.pconn or self.conn):
             for _ in reqs:
                 tokens.put_nowait(EngineGone(f"the engine process of model {self.name!r} has exited"))
         return tokens
@@ -106,21 +130,23 @@ class Batcher:
         """Drop these requests (those already finished are ignored). Safe from any thread."""
         with self.lock:
             keys = [k for k in keys if self.sinks.pop(k, None) is not None]
-        if keys:
-            self._send(("cancel", keys))
+        if keys:  # with a prefill process, through it: it drops them or passes the cancel on after them
+            self._send(("cancel", keys), self.pconn or self.conn)
 
     def close(self) -> None:
         self.closing = True
-        self._send(("close",))
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        for conn, proc in [(self.pconn, self.prefiller), (self.conn, self.proc)]:
+            if conn is not None and proc is not None:
+                self._send(("close",), conn)
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
         self.reader.join(timeout=10)
 
-    def _send(self, msg: tuple) -> bool:
+    def _send(self, msg: tuple, conn: Connection | None = None) -> bool:
         with self.send_lock:
             try:
-                self.conn.send(msg)
+                (conn or self.conn).send(msg)
                 return True
             except OSError:  # the process is gone: the reader fails its requests
                 return False
@@ -191,40 +217,108 @@ def _put_all(items: list[tuple[asyncio.Queue, Token | Exception]]) -> None:
 
 
 # ----------------------------------------------------------------------------- the engine process
-def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: int, conn: Connection) -> None:
+def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: int, conn: Connection,
+                    prefilled: Connection | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     batch = ContinuousBatch(model.to(device), max_rows=max_rows)
     cancelled = 0
     try:
+        if prefilled is not None and prefilled.recv() != "ready":
+            return
         conn.send("ready")
+        inputs = [conn] if prefilled is None else [conn, prefilled]
         while True:
-            cmds = [conn.recv()] if not batch.busy else []
-            while conn.poll():
-                cmds.append(conn.recv())
+            if not batch.busy:
+                wait(inputs)  # an idle engine sleeps here
             out: list[tuple[object, Token | Exception]] = []
-            for cmd in cmds:
+            while conn.poll():
+                cmd = conn.recv()
                 if cmd[0] == "close":
                     return
                 if cmd[0] == "add":
                     for q, state in cmd[1]:
-                        if state is not None:
-                            q.generator = torch.Generator(device)
-                            q.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
                         try:
-                            batch.add(q)
+                            batch.add(_restore(q, state, device))
                         except ValueError as e:
                             out.append((q.key, e))
                 else:
                     cancelled += sum(batch.cancel(key) for key in cmd[1])
+            while prefilled is not None and prefilled.poll():
+                msg = prefilled.recv()
+                if msg[0] == "failed":
+                    out.append((msg[1], msg[2]))
+                    continue
+                if msg[0] == "cancel":  # and how many the prefill process dropped itself
+                    cancelled += sum(batch.cancel(key) for key in msg[1]) + msg[2]
+                    continue
+                q, state, k, v, logits = msg[1:]
+                batch.add_prefilled(Prefilled(_restore(q, state, device), *(torch.from_numpy(a).to(device)
+                                                                           for a in (k, v, logits))))
             if batch.busy:
                 try:
                     out += [(t.key, t) for t in batch.step()]
                 except Exception as e:  # an internal failure: fail who was in the batch, keep serving
                     log.exception("engine step failed")
                     out += [(key, _sendable(e)) for key in batch.reset()]
-            conn.send((out, batch.running, len(batch.waiting), cancelled))
-    except (EOFError, OSError):  # the server went away
+            conn.send((out, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled))
+    except (EOFError, OSError):  # the server (or the prefill process) went away
+        return
+
+
+def _restore(q: Request, state: bytes | None, device: torch.device) -> Request:
+    """A request from the pipe with its generator back (`_by_pipe`)."""
+    if state is not None:
+        q.generator = torch.Generator(device)
+        q.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return q
+
+
+# ----------------------------------------------------------------------------- the prefill process
+def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Connection, engine: Connection) -> None:
+    """Prompts through the model, for the engine process: every request from `conn` goes to `engine` prefilled
+    (keys, values and logits as numpy arrays: a pipe carries them as bytes), or failed (its ValueError)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    fast = packed(model.to(device))
+    context, budget = model.config.max_position_embeddings, 8192
+    queue: list[tuple[Request, bytes | None]] = []
+    try:
+        engine.send("ready")
+        while True:
+            if not queue:
+                wait([conn])  # idle: sleeps here
+            while conn.poll():
+                cmd = conn.recv()
+                if cmd[0] == "close":
+                    return
+                if cmd[0] == "cancel":  # those not prefilled yet leave; the engine hears of the others after them
+                    keys = set(cmd[1])
+                    cancelled = [q.key for q, _ in queue if q.key in keys]
+                    queue = [(q, st) for q, st in queue if q.key not in keys]
+                    engine.send(("cancel", [k for k in cmd[1] if k not in cancelled], len(cancelled)))
+                    continue
+                for q, state in cmd[1]:
+                    try:
+                        check_prompt(q.prompt, context)
+                        queue.append((q, state))
+                    except ValueError as e:
+                        engine.send(("failed", q.key, e))
+            take = 1  # the first requests, within the prefill budget (padded tokens)
+            while take < len(queue) and max(len(q.prompt) for q, _ in queue[: take + 1]) * (take + 1) <= budget:
+                take += 1
+            batch, queue = queue[:take], queue[take:]
+            if batch:
+                try:
+                    done = prefill(fast, [q for q, _ in batch])
+                except Exception as e:  # an internal failure: fail these requests, keep serving
+                    log.exception("prefill failed")
+                    for q, _ in batch:
+                        engine.send(("failed", q.key, _sendable(e)))
+                    continue
+                for (q, state), p in zip(batch, done):
+                    engine.send(("prefilled", q, state, p.k.cpu().numpy(), p.v.cpu().numpy(), p.logits.cpu().numpy()))
+    except (EOFError, OSError):  # the server or the engine went away
         return
 
 

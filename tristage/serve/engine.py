@@ -444,6 +444,46 @@ class Token:
 
 
 @dataclass
+class Prefilled:
+    """A request whose prompt went through the model already (`prefill`, here or in a prefill process): its keys
+    and values k, v [layers, kv_heads, len(prompt), head_dim] and the logits [V] after its last prompt token."""
+
+    req: Request
+    k: Tensor
+    v: Tensor
+    logits: Tensor
+
+
+def check_prompt(prompt: Sequence[int], context: int) -> None:
+    """ValueError when a prompt cannot be served: empty, or no room left within the context."""
+    if not prompt:
+        raise ValueError("every prompt needs at least one token")
+    if len(prompt) >= context:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room within max_position_embeddings {context}")
+
+
+@torch.inference_mode()
+def prefill(model: GPT, reqs: Sequence[Request]) -> list[Prefilled]:
+    """The prompts of `reqs` through `model` as one right-padded batch (plain causal attention is exact for the real
+    tokens; the padding's keys are cut off): -> each request's keys, values and last logits."""
+    cfg, dev = model.config, model.rope_cos.device
+    dtype = next(model.parameters()).dtype
+    lens = [len(q.prompt) for q in reqs]
+    T = max(lens)
+    ids = torch.zeros(len(reqs), T, dtype=torch.long, device=dev)
+    for i, q in enumerate(reqs):
+        ids[i, : lens[i]] = torch.tensor(q.prompt, dtype=torch.long)
+    cache = KVCache(cfg, len(reqs), T, dev, dtype)
+    mask = None
+    if cfg.sliding_window is not None and T > cfg.sliding_window:
+        mask = prefill_mask(torch.ones(len(reqs), T, dtype=torch.bool, device=dev), T, T, cfg.sliding_window)
+    h = model.hidden_states(ids, None, mask, cache)
+    logits = model.logits(h[torch.arange(len(reqs), device=dev), torch.tensor(lens, device=dev) - 1])
+    return [Prefilled(q, cache.k[:, i, :, :n], cache.v[:, i, :, :n], logits[i]) for i, (q, n) in
+            enumerate(zip(reqs, lens))]
+
+
+@dataclass
 class _Row:
     req: Request
     max_new: int
@@ -479,16 +519,18 @@ class ContinuousBatch:
         while batch.busy:
             for t in batch.step(): ...       # Token(key, token, finish_reason, logprob, top_logprobs)
         batch.cancel(key)                    # the row leaves at once (a client went away)
+        batch.add_prefilled(prefill(model, [req])[0])   # a request prefilled elsewhere (a prefill process)
 
     Each request has a row of the cache, and each row its own slots from 0: row r's next token goes to slot
     lens[r] with position id lens[r] (`RowKVCache`), and attends to its slots 0..lens[r] (a per-row key mask
     over the first max(lens) + 1 slots). So a row's keys never move when others join or leave, and its output is
     that of the request alone (greedy: tested against `Engine.generate`). A step is one decode forward for the
-    rows already running, then the waiting requests join: one right-padded prefill (plain causal attention is
-    exact for the real tokens; the padding's keys are masked and later overwritten) whose keys are copied into
-    free rows, and whose logits give each joiner its first token in the same step. A finished or cancelled row is
-    a hole that the next joiner reuses; holes still ride along in the decode forward (as the engine's finished
-    rows do), so once a quarter of the rows are holes and nobody waits, the cache is compacted (one copy).
+    rows already running, then new requests join: those prefilled elsewhere (`add_prefilled`: a prefill process
+    beside this one, tristage/serve/batcher.py), then the waiting ones through one right-padded `prefill`; their
+    keys are copied into free rows, and their logits give each joiner its first token in the same step. A
+    finished or cancelled row is a hole that the next joiner reuses; holes still ride along in the decode forward
+    (as the engine's finished rows do), so once a quarter of the rows are holes and nobody waits, the cache is
+    compacted (one copy).
     The cache grows on demand (rows up to max_rows, slots doubling up to max_position_embeddings), so an idle
     server holds little memory. Not thread-safe: one loop drives it (the engine process, tristage/serve/batcher.py).
     """
@@ -502,10 +544,13 @@ class ContinuousBatch:
         self.window = cfg.sliding_window
         self.dev, self.dtype = model.rope_cos.device, next(model.parameters()).dtype
         self.waiting: list[Request] = []
+        self.prefilled: list[Prefilled] = []  # prefilled elsewhere, waiting for a row
         self.rows: list[_Row | None] = []  # by cache row; None = free
         shape = (0, cfg.num_key_value_heads, 0, cfg.head_dim)
-        self.ks = [torch.zeros(shape, device=self.dev, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.vs = [torch.zeros(shape, device=self.dev, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        # the cache's buffers hold room for more rows than run (kb, vb); ks, vs are views of their first rows
+        self.kb = [torch.zeros(shape, device=self.dev, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.vb = [torch.zeros(shape, device=self.dev, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.ks, self.vs = list(self.kb), list(self.vb)
         self.lens = torch.zeros(0, dtype=torch.long, device=self.dev)  # tokens in each row's cache
         self.last = torch.zeros(0, dtype=torch.long, device=self.dev)  # the token each row feeds next
         self.kpos = torch.arange(self.context, device=self.dev)
@@ -513,7 +558,7 @@ class ContinuousBatch:
     # ---- public -------------------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or self.running > 0
+        return bool(self.waiting) or bool(self.prefilled) or self.running > 0
 
     @property
     def running(self) -> int:
@@ -521,12 +566,13 @@ class ContinuousBatch:
 
     def add(self, req: Request) -> None:
         """Queue a request; it joins at the next step. ValueError when its prompt leaves no room in the context."""
-        if not req.prompt:
-            raise ValueError("every prompt needs at least one token")
-        if len(req.prompt) >= self.context:
-            raise ValueError(f"prompt of {len(req.prompt)} tokens leaves no room within max_position_embeddings "
-                             f"{self.context}")
+        check_prompt(req.prompt, self.context)
         self.waiting.append(req)
+
+    def add_prefilled(self, p: Prefilled) -> None:
+        """Queue a request whose prompt was prefilled elsewhere (by `prefill` on this model's weights); it joins at
+        the next step that has a row for it."""
+        self.prefilled.append(p)
 
     @torch.inference_mode()  # the batch's tensors are inference tensors: changed only in inference mode
     def cancel(self, key: object) -> bool:
@@ -534,6 +580,10 @@ class ContinuousBatch:
         for i, req in enumerate(self.waiting):
             if req.key == key:
                 del self.waiting[i]
+                return True
+        for i, p in enumerate(self.prefilled):
+            if p.req.key == key:
+                del self.prefilled[i]
                 return True
         for r, row in enumerate(self.rows):
             if row is not None and row.req.key == key:
@@ -544,8 +594,9 @@ class ContinuousBatch:
     @torch.inference_mode()
     def reset(self) -> list[object]:
         """Drop every request (after a failed step): -> their keys."""
-        keys = [q.key for q in self.waiting] + [r.req.key for r in self.rows if r is not None]
-        self.waiting, self.rows = [], [None] * len(self.rows)
+        keys = ([q.key for q in self.waiting] + [p.req.key for p in self.prefilled]
+                + [r.req.key for r in self.rows if r is not None])
+        self.waiting, self.prefilled, self.rows = [], [], [None] * len(self.rows)
         self.lens.zero_()
         self.last.zero_()
         return keys
@@ -557,7 +608,7 @@ class ContinuousBatch:
         live = [r for r, row in enumerate(self.rows) if row is not None]
         if live:
             out += self._emit(live, self._decode(live))
-        joined, logits = self._join() if self.waiting else ([], None)
+        joined, logits = self._join() if self.waiting or self.prefilled else ([], None)
         if joined:
             out += self._emit(joined, logits)
         elif self.rows and len(self.rows) - self.running >= max(1, self.compact_at * len(self.rows)):
@@ -581,44 +632,36 @@ class ContinuousBatch:
         return logits[idx]
 
     def _join(self) -> tuple[list[int], Tensor | None]:
-        """Prefill as many waiting requests as there are rows (and prefill budget) for: -> their rows, logits."""
+        """Requests prefilled elsewhere, then as many waiting ones as there are rows (and prefill budget) for, take
+        free rows: -> their rows, logits."""
         free = [r for r, row in enumerate(self.rows) if row is None]
         room = len(free) + self.max_rows - len(self.rows)
+        ready = self.prefilled[:room]
         take: list[Request] = []  # the first waiting requests; they leave `waiting` once prefilled (a failed
-        while len(take) < min(room, len(self.waiting)):  # prefill leaves them there, for `reset` to name them)
-            T = max(len(q.prompt) for q in [*take, self.waiting[len(take)]])
+        while len(ready) + len(take) < room and len(take) < len(self.waiting):  # prefill leaves them there,
+            T = max(len(q.prompt) for q in [*take, self.waiting[len(take)]])  # for `reset` to name them)
             if take and T * (len(take) + 1) > self.max_prefill_tokens:
                 break
             take.append(self.waiting[len(take)])
-        if not take:
+        parts = ready + (prefill(self.model, take) if take else [])
+        if not parts:
             return [], None
-        need = len(take) - len(free)
+        need = len(parts) - len(free)
         if need > 0:
             free += list(range(len(self.rows), len(self.rows) + need))
-        rows = free[: len(take)]
-        lens = [len(q.prompt) for q in take]
-        T = max(lens)
-        self._grow(len(self.rows) + max(need, 0), T)
-        ids = torch.zeros(len(take), T, dtype=torch.long, device=self.dev)
-        for i, q in enumerate(take):
-            ids[i, : lens[i]] = torch.tensor(q.prompt, dtype=torch.long)
-        cache = KVCache(self.model.config, len(take), T, self.dev, self.dtype)
-        mask = None
-        if self.window is not None and T > self.window:
-            mask = prefill_mask(torch.ones(len(take), T, dtype=torch.bool, device=self.dev), T, T, self.window)
-        h = self.model.hidden_states(ids, None, mask, cache)
-        last = torch.tensor(lens, device=self.dev) - 1
-        logits = self.model.logits(h[torch.arange(len(take), device=self.dev), last])
-        idx = torch.tensor(rows, device=self.dev)
-        for layer in range(len(self.ks)):
-            self.ks[layer][idx, :, :T] = cache.k[layer]
-            self.vs[layer][idx, :, :T] = cache.v[layer]
-        self.lens[idx] = torch.tensor(lens, device=self.dev)
+        rows = free[: len(parts)]
+        self._grow(len(self.rows) + max(need, 0), max(p.k.shape[2] for p in parts))
+        for r, p in zip(rows, parts):
+            n = p.k.shape[2]
+            for layer in range(len(self.ks)):
+                self.ks[layer][r, :, :n] = p.k[layer]
+                self.vs[layer][r, :, :n] = p.v[layer]
+            self.lens[r] = n
+            q = p.req
+            self.rows[r] = _Row(q, min(q.params.max_new_tokens, self.context - n), frozenset(q.params.stop_ids))
+        del self.prefilled[: len(ready)]
         del self.waiting[: len(take)]
-        for r, q in zip(rows, take):
-            self.rows[r] = _Row(q, min(q.params.max_new_tokens, self.context - len(q.prompt)),
-                                frozenset(q.params.stop_ids))
-        return rows, logits
+        return rows, torch.stack([p.logits for p in parts])
 
     def _emit(self, rows: list[int], logits: Tensor) -> list[Token]:
         """Sample one token for each of `rows` from logits [len(rows), V]; finished rows leave."""
@@ -661,28 +704,40 @@ class ContinuousBatch:
         self.last[r] = 0
 
     def _grow(self, rows: int, slots: int) -> None:
-        """Make the cache at least rows x slots (slots doubling, up to the context)."""
+        """Make the cache at least rows x slots. Rows within the buffers' room are a wider view (no copy); beyond
+        it, or past their slots, new buffers (rows doubling up to max_rows, slots doubling up to the context) take a
+        copy. A row that joins finds stale keys in its slots: masked (its own length is 0) and overwritten."""
         R, L = self.ks[0].shape[0], self.ks[0].shape[2]
         if rows <= R and slots <= L:
             return
-        newL = L if slots <= L else min(self.context, max(slots, 2 * L, 64))
+        room = self.kb[0].shape[0]
+        if rows > room or slots > L:
+            newL = L if slots <= L else min(self.context, max(slots, 2 * L, 64))
+            room = max(rows, min(self.max_rows, 2 * room))
+
+            def grown(t: Tensor) -> Tensor:
+                new = t.new_zeros(room, t.shape[1], newL, t.shape[3])
+                new[:R, :, :L] = t[:R]
+                return new
+
+            self.kb, self.vb = [grown(t) for t in self.kb], [grown(t) for t in self.vb]
         newR = max(rows, R)
-
-        def grown(t: Tensor) -> Tensor:
-            new = t.new_zeros(newR, t.shape[1], newL, t.shape[3])
-            new[:R, :, :L] = t
-            return new
-
-        self.ks, self.vs = [grown(t) for t in self.ks], [grown(t) for t in self.vs]
+        self.ks, self.vs = [t[:newR] for t in self.kb], [t[:newR] for t in self.vb]
         if newR > R:
             self.lens = torch.cat([self.lens, self.lens.new_zeros(newR - R)])
             self.last = torch.cat([self.last, self.last.new_zeros(newR - R)])
             self.rows += [None] * (newR - R)
 
     def _compact(self) -> None:
-        """Holes leave the cache (one copy of it)."""
+        """Holes leave the cache: the running rows move to the front of the buffers (a copy of them); with none
+        left the buffers go (an idle server holds no cache)."""
         keep = [r for r, row in enumerate(self.rows) if row is not None]
         idx = torch.tensor(keep, dtype=torch.long, device=self.dev)
-        self.ks, self.vs = [t[idx] for t in self.ks], [t[idx] for t in self.vs]
+        if not keep:
+            self.kb = [t.new_zeros(0, t.shape[1], 0, t.shape[3]) for t in self.kb]
+            self.vb = [t.new_zeros(0, t.shape[1], 0, t.shape[3]) for t in self.vb]
+        for t in self.kb + self.vb:
+            t[: len(keep)] = t[idx]
+        self.ks, self.vs = [t[: len(keep)] for t in self.kb], [t[: len(keep)] for t in self.vb]
         self.lens, self.last = self.lens[idx], self.last[idx]
         self.rows = [self.rows[r] for r in keep]

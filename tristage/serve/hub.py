@@ -127,21 +127,24 @@ class StopMatcher:
 class Hub:
     """The served models: `names`, `chat_stream` (text deltas of one chat answer), `complete` (the API's choices)."""
 
-    def __init__(self, models: dict[str, ChatModel], *, max_batch: int = 32):
+    def __init__(self, models: dict[str, ChatModel], *, max_batch: int = 32, prefill_threads: int = 0):
         self.models = models
-        self.batchers = {name: Batcher(m.model, max_rows=max_batch, name=name) for name, m in models.items()}
+        self.batchers = {name: Batcher(m.model, max_rows=max_batch, name=name, prefill_threads=prefill_threads)
+                         for name, m in models.items()}
         for b in self.batchers.values():  # the engine processes start together; serving begins once all can decode
             b.wait_ready()
         self._ids = itertools.count()
 
     @classmethod
     def load(cls, specs: Sequence[str], *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             max_batch: int = 32) -> Hub:
-        """Load model folders (PATH or NAME=PATH); every folder is checked before any weights are read."""
+             max_batch: int = 32, prefill_threads: int = 0) -> Hub:
+        """Load model folders (PATH or NAME=PATH); every folder is checked before any weights are read.
+        prefill_threads > 0: each model's prompts are prefilled in a process of their own (tristage/serve/batcher.py)
+        with that many torch threads."""
         folders = model_specs(specs)
         toks = {name: policy_tokenizer(p) for name, p in folders.items()}
         return cls({name: load_chat_model(p, device, dtype, require_template=False, tokenizer=toks[name])
-                    for name, p in folders.items()}, max_batch=max_batch)
+                    for name, p in folders.items()}, max_batch=max_batch, prefill_threads=prefill_threads)
 
     @property
     def names(self) -> list[str]:

@@ -47,6 +47,56 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class _Fused:
+    """Linear layers that read the same input (q, k, v; gate, up) as one packed product of their weights stacked."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        w = torch.cat([m.weight.detach() for m in layers])
+        b = torch.cat([m.bias.detach() for m in layers]) if layers[0].bias is not None else None
+        self.packed, self.bias = torch.ops.mkldnn._reorder_linear_weight(w, 16), b
+        self.sizes = [m.out_features for m in layers]
+        self.min_rows = max(1, round(2 ** 20 / w.numel()))
+        self.stash: tuple[Tensor, tuple[Tensor, ...]] | None = None  # (the input, every layer's output)
+
+
+class FusedPart(nn.Module):
+    """Layer `index` of a `_Fused` group. The first layer's call computes the whole group's product on its input and
+    keeps the other layers' slices; a later layer called with that same tensor takes its slice. Any other input
+    (another tensor, or fewer rows than pay for the packed call) gets this layer's own plain product."""
+
+    def __init__(self, group: _Fused, index: int, layer: nn.Linear):
+        super().__init__()
+        self.group, self.index = group, index
+        self.weight, self.bias = layer.weight, layer.bias  # the original tensors (shared, not copied)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.group
+        if self.index == 0:
+            g.stash = None
+            if x.numel() < g.min_rows * x.shape[-1]:
+                return F.linear(x, self.weight, self.bias)
+            out = torch.ops.mkldnn._linear_pointwise(x, g.packed, g.bias, "none", [], "").split(g.sizes, -1)
+            g.stash = (x, out)
+            return out[0]
+        if g.stash is not None and g.stash[0] is x:
+            out = g.stash[1][self.index]
+            if self.index == len(g.sizes) - 1:
+                g.stash = None
+            return out
+        return F.linear(x, self.weight, self.bias)
+
+
+def _fuse(module: nn.Module, names: list[str]) -> bool:
+    """Replace module's linear layers `names` (read in that order, from one input) by the parts of one group."""
+    layers = [getattr(module, n, None) for n in names]
+    if not all(type(m) is nn.Linear for m in layers) or len({m.bias is None for m in layers}) > 1:  # type: ignore
+        return False
+    group = _Fused(layers)  # type: ignore[arg-type]
+    for i, (n, m) in enumerate(zip(names, layers)):
+        setattr(module, n, FusedPart(group, i, m))  # type: ignore[arg-type]
+    return True
+
+
 def packed(model: GPT) -> GPT:
     """A copy of `model` (its tensors shared) whose nn.Linear layers and logits are `PackedLinear`; `model` itself
     where oneDNN cannot be used (not a CPU, not fp32 / bf16, no oneDNN)."""
@@ -58,6 +108,9 @@ def packed(model: GPT) -> GPT:
     except (RuntimeError, AttributeError):  # a build without the op
         return model
     fast = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+    for layer in fast.model.layers:  # the order Attention and MLP call them in
+        _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
+        _fuse(layer.mlp, ["gate_proj", "up_proj"])
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
