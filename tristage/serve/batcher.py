@@ -50,6 +50,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import queue as stdqueue
 import shutil
 import signal
 import threading
@@ -252,9 +253,12 @@ def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: in
                 if msg[0] == "cancel":  # and how many the prefill process dropped itself
                     cancelled += sum(batch.cancel(key) for key in msg[1]) + msg[2]
                     continue
-                q, state, k, v, logits = msg[1:]
-                batch.add_prefilled(Prefilled(_restore(q, state, device), *(torch.from_numpy(a).to(device)
-                                                                           for a in (k, v, logits))))
+                for q, state, k, v, logits in msg[1]:
+                    batch.add_prefilled(Prefilled(_restore(q, state, device), *(torch.from_numpy(a).to(device)
+                                                                               for a in (k, v, logits))))
+                first = [(t.key, t) for t in batch.admit()]  # their first tokens now, not after a decode step
+                if first:
+                    conn.send((first, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled))
             if batch.busy:
                 try:
                     out += [(t.key, t) for t in batch.step()]
@@ -277,12 +281,26 @@ def _restore(q: Request, state: bytes | None, device: torch.device) -> Request:
 # ----------------------------------------------------------------------------- the prefill process
 def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Connection, engine: Connection) -> None:
     """Prompts through the model, for the engine process: every request from `conn` goes to `engine` prefilled
-    (keys, values and logits as numpy arrays: a pipe carries them as bytes), or failed (its ValueError)."""
+    (keys, values and logits as numpy arrays: a pipe carries them as bytes), or failed (its ValueError). A batch's
+    requests go in one message (the engine reads its pipe between decode steps: one message per request would
+    let the last of a batch wait a step for each before it), sent by a thread, so a send that waits for the engine
+    to read does not hold up the next prefill."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     fast = packed(model.to(device))
     context, budget = model.config.max_position_embeddings, 8192
     queue: list[tuple[Request, bytes | None]] = []
+    outbox: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
+
+    def sender() -> None:
+        try:
+            while (msg := outbox.get()) is not None:
+                engine.send(msg)
+        except (EOFError, OSError):
+            return
+
+    thread = threading.Thread(target=sender, name="prefilled", daemon=True)
+    thread.start()
     try:
         engine.send("ready")
         while True:
@@ -296,14 +314,14 @@ def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Conne
                     keys = set(cmd[1])
                     cancelled = [q.key for q, _ in queue if q.key in keys]
                     queue = [(q, st) for q, st in queue if q.key not in keys]
-                    engine.send(("cancel", [k for k in cmd[1] if k not in cancelled], len(cancelled)))
+                    outbox.put(("cancel", [k for k in cmd[1] if k not in cancelled], len(cancelled)))
                     continue
                 for q, state in cmd[1]:
                     try:
                         check_prompt(q.prompt, context)
                         queue.append((q, state))
                     except ValueError as e:
-                        engine.send(("failed", q.key, e))
+                        outbox.put(("failed", q.key, e))
             take = 1  # the first requests, within the prefill budget (padded tokens)
             while take < len(queue) and max(len(q.prompt) for q, _ in queue[: take + 1]) * (take + 1) <= budget:
                 take += 1
@@ -314,12 +332,15 @@ def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Conne
                 except Exception as e:  # an internal failure: fail these requests, keep serving
                     log.exception("prefill failed")
                     for q, _ in batch:
-                        engine.send(("failed", q.key, _sendable(e)))
+                        outbox.put(("failed", q.key, _sendable(e)))
                     continue
-                for (q, state), p in zip(batch, done):
-                    engine.send(("prefilled", q, state, p.k.cpu().numpy(), p.v.cpu().numpy(), p.logits.cpu().numpy()))
-    except (EOFError, OSError):  # the server or the engine went away
+                outbox.put(("prefilled", [(q, state, p.k.cpu().numpy(), p.v.cpu().numpy(), p.logits.cpu().numpy())
+                                          for (q, state), p in zip(batch, done)]))
+    except (EOFError, OSError):  # the server went away
         return
+    finally:
+        outbox.put(None)
+        thread.join(timeout=10)
 
 
 def _sendable(e: Exception) -> Exception:

@@ -603,8 +603,9 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def step(self) -> list[Token]:
-        """One token for every running request (a decode step), then the waiting ones join (a prefill)."""
-        out: list[Token] = []
+        """Requests prefilled elsewhere join (their first token), one token for every running request (a decode
+        step, the joiners' second), then the waiting ones join (a prefill: their first token)."""
+        out = self.admit()
         live = [r for r, row in enumerate(self.rows) if row is not None]
         if live:
             out += self._emit(live, self._decode(live))
@@ -614,6 +615,13 @@ class ContinuousBatch:
         elif self.rows and len(self.rows) - self.running >= max(1, self.compact_at * len(self.rows)):
             self._compact()
         return out
+
+    @torch.inference_mode()
+    def admit(self) -> list[Token]:
+        """Requests prefilled elsewhere take free rows: -> their first tokens (no forward pass: their logits came
+        with them). `step` begins with it; a caller may call it first to send those tokens before the step."""
+        joined, logits = self._join(waiting=False) if self.prefilled else ([], None)
+        return self._emit(joined, logits) if joined else []
 
     # ---- the parts ----------------------------------------------------------------------------------------------
     def _decode(self, live: list[int]) -> Tensor:
@@ -631,14 +639,14 @@ class ContinuousBatch:
         self.lens[idx] += 1
         return logits[idx]
 
-    def _join(self) -> tuple[list[int], Tensor | None]:
-        """Requests prefilled elsewhere, then as many waiting ones as there are rows (and prefill budget) for, take
-        free rows: -> their rows, logits."""
+    def _join(self, waiting: bool = True) -> tuple[list[int], Tensor | None]:
+        """Requests prefilled elsewhere, then (with `waiting`) as many waiting ones as there are rows (and prefill
+        budget) for, take free rows: -> their rows, logits."""
         free = [r for r, row in enumerate(self.rows) if row is None]
         room = len(free) + self.max_rows - len(self.rows)
         ready = self.prefilled[:room]
         take: list[Request] = []  # the first waiting requests; they leave `waiting` once prefilled (a failed
-        while len(ready) + len(take) < room and len(take) < len(self.waiting):  # prefill leaves them there,
+        while waiting and len(ready) + len(take) < room and len(take) < len(self.waiting):  # prefill leaves them,
             T = max(len(q.prompt) for q in [*take, self.waiting[len(take)]])  # for `reset` to name them)
             if take and T * (len(take) + 1) > self.max_prefill_tokens:
                 break
