@@ -11,7 +11,8 @@ token counts are then the same on both sides and checked).
 The requests: chat completions, streaming, greedy, a user message of 8-64 random words, max_tokens 32-128, drawn
 once with a seed and sent in the same order to both servers by N concurrent clients (each sends its next request
 when the last one ends), N = 1, 4, 16, max(6, N * --requests-per-client) requests per level. Two configurations:
-each server with its defaults, and both with OMP_NUM_THREADS=1 (one torch thread each).
+each server with its defaults, and one core of torch work each (OMP_NUM_THREADS=1; tristage with --prefill-process
+off --threads 1).
 Reported per server and level: time to first token (TTFT) and time per output token after the first (TPOT) as
 p50 / p90 / p99 over requests, inter-token gaps p99, output tokens per second at full concurrency (the tokens that
 arrived while all N clients had a request in flight, from the start to the last request sent, over that time) and
@@ -179,9 +180,11 @@ def proc_cpu(pid: int) -> float:
     return sum(cpu.get(p, 0.0) for p in tree)
 
 
-def start(kind: str, folder: Path, port: int, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start(kind: str, folder: Path, port: int, log: Path, env: dict[str, str],
+          one_core: bool = False) -> tuple[subprocess.Popen, str]:
     if kind == "tristage":
         cmd = [str(PY / "tristage"), "serve", f"bench={folder}", "--port", str(port), "--log-level", "warning"]
+        cmd += ["--prefill-process", "off", "--threads", "1"] if one_core else []
         name = "bench"
     else:
         cmd = [str(PY / "transformers"), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
@@ -241,7 +244,7 @@ def summarize(results: list[Result], wall: float, t0: float) -> dict:
 def run_server(kind: str, folder: Path, levels: list[int], per_client: int, tmp: Path, config: str) -> dict:
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"} if config == "one-thread" else {}
-    p, name = start(kind, folder, port, tmp / f"{kind}-{config}.log", env)
+    p, name = start(kind, folder, port, tmp / f"{kind}-{config}.log", env, one_core=config == "one-thread")
     out = {}
     try:
         warm, _, _ = asyncio.run(load(port, name, requests(4, seed=99), 4))  # untimed: first-request costs
@@ -300,7 +303,7 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
             f"defaults** ({d['tristage'][top]['tok_s_full']:.0f} vs {d['transformers'][top]['tok_s_full']:.0f} "
             f"tok/s); over the whole run, the drain at its end included, {ratio('defaults', top, 'tok_s'):.2f}x")
     if o:
-        head += (f"; with one torch thread each **{ratio('one-thread', top):.2f}x** "
+        head += (f"; with one core of torch work each **{ratio('one-thread', top):.2f}x** "
                  f"({o['tristage'][top]['tok_s_full']:.0f} vs {o['transformers'][top]['tok_s_full']:.0f} tok/s), "
                  f"whole run {ratio('one-thread', top, 'tok_s'):.2f}x")
     lines = [head + f"; {errs} errors in all; same model folder, same requests, same run.", "",
@@ -312,18 +315,20 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
              "runs to max_tokens (the token counts are checked: a stream with another count is an error). Streaming "
              "chat completions, greedy, user messages of 8-64 words, max_tokens 32-128, the same requests in the same "
              f"order to both; N clients each send their next request when the last ends, max(6, {args.requests_per_client}"
-             f" x N) requests per level. Throughput is measured two ways: at full concurrency (output tokens that arrived while every "
-             "client had a request in flight, from the start to the moment the last request was sent, over that "
-             "time: the load the level names) and over the whole run (all tokens / wall time, including the drain "
-             "at the end, when clients run out of requests and fewer than N remain). Each server ran {args.rounds} time(s) per configuration, the two taking "
-             "turns; each row is the level's median round by tokens/s at full concurrency (the whole-run column: the median of the rounds) (the machine's speed drifts between runs, for "
-             "both servers), and the ratios are of those medians. `tristage serve bench=MODEL` (defaults: --max-batch "
-             "32, fp32, CPU; the "
-             "engine runs in a process of its own with torch threads = CPUs - 1 = 1 here, beside the HTTP process) "
-             "and `transformers serve --continuous-batching --device cpu --dtype "
+             f" x N) requests per level. Throughput is measured two ways: at full concurrency (output tokens that "
+             "arrived while every client had a request in flight, from the start to the moment the last request was "
+             "sent, over that time: the load the level names) and over the whole run (all tokens / wall time, "
+             "including the drain at the end, when clients run out of requests and fewer than N remain). Each server "
+             f"ran {args.rounds} time(s) per configuration, the two taking turns; each row is the level's median round "
+             "by tokens/s at full concurrency (the whole-run column: the median of the rounds; the machine's speed "
+             "drifts between runs, for both servers), and the ratios are of those medians. `tristage serve "
+             "bench=MODEL` (defaults: --max-batch 32, fp32, CPU; the engine (decode steps) and a prefill process, "
+             "one torch thread each here, beside the HTTP process) and `transformers serve --continuous-batching "
+             "--device cpu --dtype "
              f"float32 MODEL` (transformers {transformers.__version__}; its defaults otherwise: torch's threads, 2 "
              "here); one server at a time, each after 4 untimed warm-up requests. Two configurations: each "
-             "server's defaults, and both started with OMP_NUM_THREADS=1 (one torch thread each, the same compute "
+             "server's defaults, and one core of torch work each: both started with OMP_NUM_THREADS=1, tristage with "
+             "--prefill-process off --threads 1 (the prompts prefilled by the engine itself; the same compute "
              "for both). TTFT: request sent to first token; TPOT: time per output token after the first (p50 / p90 "
              "/ p99 over requests); gap p99: the 99th percentile of the gaps between consecutive tokens of a "
              "stream; CPU / token: the server's CPU time (all its processes) per output token.", "",
@@ -356,7 +361,7 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
         t, x = d["tristage"][top], d["transformers"][top]
         lines += ["", f"Reading: the 2x target at {top} clients: {verdict}. At {top} clients with the defaults "
                   f"tristage's server spent {cpu_ms(t):.2f} ms of CPU per output token on {t['server_cpu']:.2f} "
-                  f"cores (its engine process on one, the HTTP side beside it), transformers {cpu_ms(x):.2f} ms on "
+                  f"cores (its engine process on one; the prefill process and the HTTP side beside it), transformers {cpu_ms(x):.2f} ms on "
                   f"{x['server_cpu']:.2f} cores. transformers' time per token at {low} client(s) is "
                   f"{d['transformers'][low]['tpot_p50'] * 1e3:.1f} ms with its defaults (torch's threads) and "
                   f"{o['transformers'][low]['tpot_p50'] * 1e3:.1f} ms with one thread. The one-thread rows compare "
@@ -364,23 +369,22 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
                   + ", ".join(f"{ratio('one-thread', n):.2f}x at {n} clients" for n in args.clients)
                   + ". Under other jobs' load (the 'others' column) the defaults ratio is inflated: transformers' "
                   "two threads then contend with them for the cores.", "",
-                  "Where tristage's time goes (profiles of its engine replaying this load alone: torch.profiler, py-"
-                  "spy): a decode step of 16 rows takes ~6 ms, ~40% of it attention over the fp32 KV cache (SDPA's CPU "
-                  "kernel makes two small MKL products per row and head: ~400 us a layer at ~200 slots, where reading "
-                  "the same 3 MB takes under 100 us), ~35% the linear layers (oneDNN on packed weights, "
-                  "serve/packed.py, ~140 GFLOP/s at 16 rows) and ~25% small ops (norms, rotary embeddings, sampling); "
-                  "prefilling the prompts that join is ~20% of the engine's time; the HTTP side costs ~0.1 ms of CPU "
-                  "per token, in its own process on the other core. That core is otherwise idle (the server's ~1.1 "
-                  "cores against transformers' ~1.9), and none of the ways tried to spread the work over both paid "
-                  "here: two torch threads (for every op, or for attention alone), two engine processes splitting the "
-                  "rows, the prefill on a second thread beside the decode step; nor did other forms of attention (query"
-                  " heads folded onto their KV head, batched matmuls) or fused norms (all within the run-to-run noise)."
-                  " Checked again later the same day, A/B at 16 clients, the variants taking turns: the prefill on both"
-                  " cores with the decode on one (1639 / 1360 / 1285 / 1279 tok/s against 1638 / 1420 / 1388 / 1268),"
-                  " and two engine processes of one thread each, a request going to the less busy (1790 / 2000"
-                  " against 1855 / 1766, on 1.85 cores against 1.15): within the noise again. The engine alone,"
-                  " without the HTTP side, does gain from two processes (2,425 tok/s at 16 rows, 1,753 + 1,772 at"
-                  " 2 x 8), so the server's limit at 16 clients is not the engine's capacity alone."]
+                  "Where tristage's time goes (py-spy on its engine process under this load at 16 clients; "
+                  "torch.profiler on its decode step alone): with the prompts prefilled in a process of their own, "
+                  "the engine process spends ~86% of its time in decode steps, ~5% admitting rows and ~2% sending "
+                  "tokens. A 16-row decode step (~7 ms) is ~37% attention over the fp32 KV cache (SDPA's CPU kernel: "
+                  "~380 us a layer at ~150 slots), ~29% the linear layers (oneDNN on packed weights, serve/packed.py; "
+                  "q/k/v and gate/up one product each) and the rest small ops (norms, rotary embeddings, sampling). "
+                  "Prefilling the prompts that join was a quarter of the engine process's time (profiled) when the "
+                  "engine did it, on the one core its decode steps use; the prefill process moves it to the second "
+                  "core, which the HTTP side (~0.1-0.2 ms of CPU per token) and this bench's client share with it. "
+                  "Its price is latency while that core is busy. A/B at 16 clients (tristage alone, the same load, the "
+                  "variants taking turns, 2026-12-02): 1297 / 1085 / 1262 tok/s with it against 1074 / 1277 / 1237 "
+                  "without, TTFT p50 46-56 ms against 34-43 ms; at 4 clients TTFT p50 37-43 ms against 25-34 ms. "
+                  "Tried and within the run-to-run noise: two torch threads (for every op, or for attention alone), "
+                  "two engine processes splitting the rows, the prefill on a second thread of the engine process, "
+                  "other forms of attention (query heads folded onto their KV head, batched matmuls: 5-10% faster "
+                  "alone), fused norms, torch.compile of the decode step (no faster at 16 rows; 20-35 s to compile)."]
     return "\n".join(lines)
 
 
