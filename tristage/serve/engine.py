@@ -46,9 +46,9 @@ Choices, and why (figures: bench/RESULTS.md, tiny 1M Llama on 2 CPU cores, where
 - The server's requests come and go while others decode: `ContinuousBatch` (below) gives each request a cache row
   with its own slots from 0 and its own position ids (`RowKVCache` writes row r's key at slot lens[r]), so a row's
   keys never move when others join or leave, and a row equals the request alone (tested). It reuses the prefill
-  mask, the sampler's exponential race (per row: each request its own temperature, top-k, top-p and generator)
-  and the raw-logit log-probs; `generate` keeps its one-fill-pointer cache, the fastest for a batch that starts
-  together (RL rollouts, arena answers: bench/RESULTS.md).
+  mask, the inverse-CDF sampler (per row: each request its own temperature, top-k, top-p and generator, whose
+  uniforms it draws at its first token) and the raw-logit log-probs; `generate` keeps its one-fill-pointer cache,
+  the fastest for a batch that starts together (RL rollouts, arena answers: bench/RESULTS.md).
 - On a CPU, `ContinuousBatch` decodes with a copy of the model (its tensors shared) whose linear layers are oneDNN
   calls on weights packed once (serve/packed.py; MKL's GEMM takes its AVX2 path on AMD processors, oneDNN is about
   twice as fast at these shapes). `Engine` keeps nn.Linear, so RL rollouts are unchanged to the bit.
@@ -489,16 +489,18 @@ class _Row:
     max_new: int
     stops: frozenset[int]
     generated: int = 0
+    uniform: Tensor | None = None  # a sampled row's U(0, 1) draws, one per token, drawn at its first
 
 
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                noise: Tensor | None) -> Tensor:
+                uniform: Tensor | None) -> Tensor:
     """`sample` with a temperature, top-k and top-p per row: logits [b, V] (fp32), the others [b] -> tokens [b].
 
-    Rows with temperature 0 take the argmax; the others argmax(softmax(filtered logits / T) / noise).
+    Rows with temperature 0 take the argmax; the others the inverse CDF of softmax(filtered logits / T) at their
+    uniform [b] ~ U(0, 1) (the token where the cumulative probability first exceeds it).
     """
     greedy = logits.argmax(-1)
-    if noise is None:
+    if uniform is None:
         return greedy
     z = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):  # top-k, then top-p on what is left (as filter_logits)
@@ -508,7 +510,10 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         probs = sorted_z.masked_fill(cut, -math.inf).softmax(-1)
         remove = cut | (probs.cumsum(-1) - probs >= top_p[:, None])
         z = z.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    return torch.where(temperature > 0, (z.softmax(-1) / noise).argmax(-1), greedy)
+    cdf = z.softmax(-1).cumsum(-1)
+    at = (uniform * cdf[:, -1])[:, None]  # scaled by the total: rounding cannot put it past the last token
+    tok = torch.searchsorted(cdf, at, right=True)[:, 0].clamp_(max=z.shape[-1] - 1)
+    return torch.where(temperature > 0, tok, greedy)
 
 
 class ContinuousBatch:
@@ -676,13 +681,11 @@ class ContinuousBatch:
         logits = logits.float()
         reqs = [self.rows[r].req for r in rows]  # type: ignore[union-attr]
         temp = torch.tensor([q.params.temperature for q in reqs], device=self.dev)
-        noise = None
+        u = None
         if any(q.params.temperature > 0 for q in reqs):
-            V = logits.shape[-1]
-            noise = torch.stack([torch.empty(V, device=self.dev).exponential_(1, generator=q.generator)
-                                 if q.params.temperature > 0 else torch.ones(V, device=self.dev) for q in reqs])
+            u = torch.tensor([self._uniform(r) for r in rows], device=self.dev)
         tok = sample_rows(logits, temp, torch.tensor([q.params.top_k for q in reqs], device=self.dev),
-                          torch.tensor([q.params.top_p for q in reqs], device=self.dev), noise)
+                          torch.tensor([q.params.top_p for q in reqs], device=self.dev), u)
         lps = top = None
         want = [q.params.logprobs or q.top_logprobs > 0 for q in reqs]
         if any(want):
@@ -705,6 +708,19 @@ class ContinuousBatch:
             if reason is not None:
                 self._free(r)
         return out
+
+    def _uniform(self, r: int) -> float:
+        """Row r's U(0, 1) draw for its next token (0.5 for a greedy row, which ignores it). A sampled row draws
+        all of them from its own generator at its first token: one call per request, not one per token (and not V
+        exponentials per token: 70 us a row at V = 4096)."""
+        row = self.rows[r]
+        assert row is not None
+        if row.req.params.temperature <= 0:
+            return 0.5
+        if row.uniform is None:
+            g = row.req.generator
+            row.uniform = torch.rand(row.max_new, generator=g, device=g.device if g is not None else self.dev)
+        return float(row.uniform[row.generated])
 
     def _free(self, r: int) -> None:
         self.rows[r] = None
