@@ -34,7 +34,8 @@ Choices, and why:
   prefill was a quarter of the engine process's time, on a core the decode steps never used. Requests go to the
   prefill process, which sends the engine every prefilled request in order (or its error: an empty or too long
   prompt), and every cancel it did not resolve itself after them, so the engine always knows the request a cancel
-  names. The engine waits for the prefill process to be ready before it is.
+  names. The engine waits for the prefill process to be ready before it is. The process maps the shared weights
+  and packs its own copy of the linear layers' (serve/packed.py): memory for them once more.
 - A step that raises fails the requests then in the batch (they get the exception) and the engine goes on: one bad
   request cannot take the model's endpoint down. If the process itself dies (killed, out of memory), its requests
   and later ones fail with `EngineGone` (a 500), and the log says so.
