@@ -399,3 +399,41 @@ def test_serve_command_refuses_bad_input_in_one_line(folders, tmp_path, capsys):
         assert cli_main(["serve", str(a), "--port", str(s.getsockname()[1])]) == 2
         assert "cannot listen there" in capsys.readouterr().err
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_prefill_process_gives_what_the_engine_gives(folders, dtype):
+    """A model's prompts prefilled in a process of their own (keys and values through a pipe, in the model's dtype,
+    bfloat16 too) give the same greedy tokens as prefilled by the engine; a too long prompt fails alone."""
+    from tristage.model.hf import load_model
+    from tristage.serve.batcher import Batcher
+
+    model = load_model(folders / "a" / "model", dtype=dtype).eval()
+    prompts = [[5, 9, 14, 3], list(range(3, 40)), [7]]
+
+    async def ask(b: Batcher) -> list:
+        sinks = [b.submit([Request((i, time.monotonic()), p, SamplingParams(max_new_tokens=12, temperature=0))])
+                 for i, p in enumerate([*prompts, [1] * CONTEXT])]
+        got = []
+        for sink in sinks:
+            toks = []
+            while True:
+                t = await asyncio.wait_for(sink.get(), 30)
+                if isinstance(t, Exception):
+                    toks = type(t).__name__
+                    break
+                toks.append(t.token)
+                if t.finish_reason is not None:
+                    break
+            got.append(toks)
+        return got
+
+    results = []
+    for threads in (0, 1):
+        b = Batcher(model, max_rows=4, name="a", threads=1, prefill_threads=threads)
+        try:
+            results.append(asyncio.run(ask(b)))
+        finally:
+            b.close()
+    assert results[0] == results[1]
+    assert results[0][-1] == "ValueError" and all(len(t) == 12 for t in results[0][:-1])

@@ -58,6 +58,7 @@ import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -254,10 +255,14 @@ def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: in
                 if msg[0] == "cancel":  # and how many the prefill process dropped itself
                     cancelled += sum(batch.cancel(key) for key in msg[1]) + msg[2]
                     continue
-                for q, state, k, v, logits in msg[1]:
-                    batch.add_prefilled(Prefilled(_restore(q, state, device), *(torch.from_numpy(a).to(device)
-                                                                               for a in (k, v, logits))))
-                first = [(t.key, t) for t in batch.admit()]  # their first tokens now, not after a decode step
+                for q, state, *kvl in msg[1]:
+                    batch.add_prefilled(Prefilled(_restore(q, state, device), *(_from_pipe(x, device) for x in kvl)))
+            if batch.prefilled:  # their first tokens now, not after a decode step
+                try:
+                    first = [(t.key, t) for t in batch.admit()]
+                except Exception as e:  # an internal failure: fail who was in the batch, keep serving
+                    log.exception("engine step failed")
+                    first = [(key, _sendable(e)) for key in batch.reset()]
                 if first:
                     conn.send((first, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled))
             if batch.busy:
@@ -269,6 +274,16 @@ def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: in
             conn.send((out, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled))
     except (EOFError, OSError):  # the server (or the prefill process) went away
         return
+
+
+def _to_pipe(t: torch.Tensor) -> tuple[np.ndarray, torch.dtype, tuple[int, ...]]:
+    """A tensor as a pipe carries it: its bytes as a numpy array (any dtype, bfloat16 too), dtype and shape."""
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy(), t.dtype, tuple(t.shape)
+
+
+def _from_pipe(x: tuple[np.ndarray, torch.dtype, tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    data, dtype, shape = x
+    return torch.from_numpy(data).view(dtype).reshape(shape).to(device)
 
 
 def _restore(q: Request, state: bytes | None, device: torch.device) -> Request:
@@ -335,7 +350,7 @@ def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Conne
                     for q, _ in batch:
                         outbox.put(("failed", q.key, _sendable(e)))
                     continue
-                outbox.put(("prefilled", [(q, state, p.k.cpu().numpy(), p.v.cpu().numpy(), p.logits.cpu().numpy())
+                outbox.put(("prefilled", [(q, state, _to_pipe(p.k), _to_pipe(p.v), _to_pipe(p.logits))
                                           for (q, state), p in zip(batch, done)]))
     except (EOFError, OSError):  # the server went away
         return
