@@ -37,9 +37,10 @@ class Config:
                                             "(tokens to text, sending events) so the two do not take turns on the "
                                             "same cores")
     prefill_process: Literal["auto", "on", "off"] = arg(
-        "auto", help="prefill prompts in a process of their own beside each model's engine process, so a prompt's "
-                     "forward pass and the decode steps run on different cores: on | off | auto (on for a CPU model "
-                     "where there are 2 CPUs or more)")
+        "off", help="prefill prompts in a process of their own beside each model's engine process, so a prompt's "
+                    "forward pass and the decode steps run on different cores: on | off | auto (on for a CPU model "
+                    "where there are 2 CPUs or more). Off by default: on 2 shared cores it moved tokens/s by -13 "
+                    "to +11 percent between runs and added ~10-20 ms to the time to first token (bench/RESULTS.md)")
     device: str = arg("cpu", check=device_problem, help="cpu, cuda, cuda:1, mps, or auto")
     dtype: str = arg("float32", check=dtype_problem, help="float32, bfloat16, float16, or auto")
     log_level: str = arg("info", help="the server's log level: critical, error, warning, info, debug")

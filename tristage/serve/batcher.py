@@ -27,11 +27,13 @@ Choices, and why:
 - A reader thread here waits on the pipe and hands each step's tokens to the event loop with one
   `loop.call_soon_threadsafe` (not one per token), into each request's own `asyncio.Queue`. Commands are sent from
   the caller's thread; the reader never sends, so a full pipe one way cannot block the other.
-- On a CPU, a second process can prefill the prompts (`prefill_threads` > 0; `tristage serve` starts one where
-  there are 2 CPUs or more): the prompt's forward pass runs there, beside the decode steps, and its keys, values
-  and first logits go to the engine process (numpy arrays through a pipe), which copies them into a free row at
-  its next step (`ContinuousBatch.add_prefilled`). Profiled under bench/bench_serve.py's load at 16 clients, the
-  prefill was a quarter of the engine process's time, on a core the decode steps never used. Requests go to the
+- On a CPU, a second process can prefill the prompts (`prefill_threads` > 0; `tristage serve --prefill-process
+  on`): the prompt's forward pass runs there, beside the decode steps, and its keys, values and first logits go
+  to the engine process (as bytes through a pipe), which copies them into a free row at its next step
+  (`ContinuousBatch.add_prefilled`). Profiled under bench/bench_serve.py's load at 16 clients, the prefill was a
+  quarter of the engine process's time, on a core the decode steps never used; yet on 2 shared cores moving it
+  changed tokens/s by -13% to +11% between runs and cost 10-20 ms of TTFT, so `tristage serve` leaves it off by
+  default. Requests go to the
   prefill process, which sends the engine every prefilled request in order (or its error: an empty or too long
   prompt), and every cancel it did not resolve itself after them, so the engine always knows the request a cancel
   names. The engine waits for the prefill process to be ready before it is. The process maps the shared weights
