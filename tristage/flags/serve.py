@@ -32,8 +32,9 @@ class Config:
     max_batch: int = arg(32, check=">=1", help="rows decoded together per model at most (n > 1 takes n rows); "
                                               "more requests wait for a row")
     threads: int = arg(0, check=">=0", help="CPU threads of each model's engine process (torch intra-op threads); "
-                                            "0: the number of CPUs minus one (and minus the prefill process's: a "
-                                            "third of the rest, at least one), leaving one to the HTTP process "
+                                            "0: the number of CPUs minus one (with --prefill-process, minus its "
+                                            "threads too: a third of the rest, at least one), leaving one to the "
+                                            "HTTP process "
                                             "(tokens to text, sending events) so the two do not take turns on the "
                                             "same cores")
     prefill_process: Literal["auto", "on", "off"] = arg(
