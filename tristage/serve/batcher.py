@@ -66,7 +66,7 @@ import torch.multiprocessing as mp
 
 from tristage.io import UserError
 from tristage.model.gpt import GPT
-from tristage.serve.engine import ContinuousBatch, Prefilled, Request, Token, check_prompt, prefill
+from tristage.serve.engine import ContinuousBatch, Prefilled, Request, Token, check_prompt, prefill, prefill_count
 from tristage.serve.packed import packed
 
 log = logging.getLogger(__name__)
@@ -266,16 +266,21 @@ def _engine_process(model: GPT, device: torch.device, max_rows: int, threads: in
                     log.exception("engine step failed")
                     first = [(key, _sendable(e)) for key in batch.reset()]
                 if first:
-                    conn.send((first, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled))
+                    conn.send(_report(first, batch, cancelled))
             if batch.busy:
                 try:
                     out += [(t.key, t) for t in batch.step()]
                 except Exception as e:  # an internal failure: fail who was in the batch, keep serving
                     log.exception("engine step failed")
                     out += [(key, _sendable(e)) for key in batch.reset()]
-            conn.send((out, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled))
+            conn.send(_report(out, batch, cancelled))
     except (EOFError, OSError):  # the server (or the prefill process) went away
         return
+
+
+def _report(out: list, batch: ContinuousBatch, cancelled: int) -> tuple:
+    """The engine's message after a step: its tokens (or errors), rows running, requests waiting, cancels so far."""
+    return out, batch.running, len(batch.waiting) + len(batch.prefilled), cancelled
 
 
 def _to_pipe(t: torch.Tensor) -> tuple[np.ndarray, torch.dtype, tuple[int, ...]]:
@@ -306,7 +311,7 @@ def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Conne
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     fast = packed(model.to(device))
-    context, budget = model.config.max_position_embeddings, 8192
+    context = model.config.max_position_embeddings
     queue: list[tuple[Request, bytes | None]] = []
     outbox: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
 
@@ -340,9 +345,7 @@ def _prefill_process(model: GPT, device: torch.device, threads: int, conn: Conne
                         queue.append((q, state))
                     except ValueError as e:
                         outbox.put(("failed", q.key, e))
-            take = 1  # the first requests, within the prefill budget (padded tokens)
-            while take < len(queue) and max(len(q.prompt) for q, _ in queue[: take + 1]) * (take + 1) <= budget:
-                take += 1
+            take = prefill_count([q for q, _ in queue], len(queue))  # the first, within the prefill budget
             batch, queue = queue[:take], queue[take:]
             if batch:
                 try:

@@ -462,6 +462,18 @@ def check_prompt(prompt: Sequence[int], context: int) -> None:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room within max_position_embeddings {context}")
 
 
+PREFILL_TOKENS = 8192  # one prefill's budget: rows x the longest prompt (padding counted)
+
+
+def prefill_count(reqs: Sequence[Request], room: int, budget: int = PREFILL_TOKENS) -> int:
+    """How many of the first `reqs` (at most `room`) one right-padded prefill takes within `budget` padded tokens;
+    the first always (a prompt longer than the budget still goes, alone)."""
+    n = min(1, room, len(reqs))
+    while n < min(room, len(reqs)) and max(len(q.prompt) for q in reqs[: n + 1]) * (n + 1) <= budget:
+        n += 1
+    return n
+
+
 @torch.inference_mode()
 def prefill(model: GPT, reqs: Sequence[Request]) -> list[Prefilled]:
     """The prompts of `reqs` through `model` as one right-padded batch (plain causal attention is exact for the real
@@ -540,7 +552,7 @@ class ContinuousBatch:
     server holds little memory. Not thread-safe: one loop drives it (the engine process, tristage/serve/batcher.py).
     """
 
-    def __init__(self, model: GPT, *, max_rows: int = 32, max_prefill_tokens: int = 8192,
+    def __init__(self, model: GPT, *, max_rows: int = 32, max_prefill_tokens: int = PREFILL_TOKENS,
                  compact_at: float = 0.25):
         self.model = packed(model)  # on a CPU: its linear layers on oneDNN with packed weights (serve/packed.py)
         self.max_rows, self.max_prefill_tokens, self.compact_at = max_rows, max_prefill_tokens, compact_at
@@ -650,12 +662,10 @@ class ContinuousBatch:
         free = [r for r, row in enumerate(self.rows) if row is None]
         room = len(free) + self.max_rows - len(self.rows)
         ready = self.prefilled[:room]
-        take: list[Request] = []  # the first waiting requests; they leave `waiting` once prefilled (a failed
-        while waiting and len(ready) + len(take) < room and len(take) < len(self.waiting):  # prefill leaves them,
-            T = max(len(q.prompt) for q in [*take, self.waiting[len(take)]])  # for `reset` to name them)
-            if take and T * (len(take) + 1) > self.max_prefill_tokens:
-                break
-            take.append(self.waiting[len(take)])
+        # the first waiting requests; they leave `waiting` once prefilled (a failed prefill leaves them there, for
+        # `reset` to name them)
+        n = prefill_count(self.waiting, room - len(ready), self.max_prefill_tokens) if waiting else 0
+        take = self.waiting[:n]
         parts = ready + (prefill(self.model, take) if take else [])
         if not parts:
             return [], None

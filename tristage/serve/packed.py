@@ -32,6 +32,11 @@ from torch import Tensor, nn
 from tristage.model.gpt import GPT
 
 
+def min_rows(weight: Tensor) -> int:
+    """Rows from which the packed call beats the plain one for this weight: 2^20 / (in x out), at least 1."""
+    return max(1, round(2 ** 20 / weight.numel()))
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b, through oneDNN on W packed once (from `min_rows` rows; the plain call below)."""
 
@@ -39,7 +44,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight, bias  # the original tensors (shared, not copied)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
-        self.min_rows = max(1, round(2 ** 20 / weight.numel()))
+        self.min_rows = min_rows(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() < self.min_rows * x.shape[-1]:
@@ -55,7 +60,7 @@ class _Fused:
         b = torch.cat([m.bias.detach() for m in layers]) if layers[0].bias is not None else None
         self.packed, self.bias = torch.ops.mkldnn._reorder_linear_weight(w, 16), b
         self.sizes = [m.out_features for m in layers]
-        self.min_rows = max(1, round(2 ** 20 / w.numel()))
+        self.min_rows = min_rows(w)
         self.stash: tuple[Tensor, tuple[Tensor, ...]] | None = None  # (the input, every layer's output)
 
 
