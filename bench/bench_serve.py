@@ -12,7 +12,7 @@ The requests: chat completions, streaming, greedy, a user message of 8-64 random
 once with a seed and sent in the same order to both servers by N concurrent clients (each sends its next request
 when the last one ends), N = 1, 4, 16, max(6, N * --requests-per-client) requests per level. Two configurations:
 each server with its defaults, and one core of torch work each (OMP_NUM_THREADS=1; tristage with --prefill-process
-off --threads 1).
+off --replicas 1 --threads 1).
 Reported per server and level: time to first token (TTFT) and time per output token after the first (TPOT) as
 p50 / p90 / p99 over requests, inter-token gaps p99, output tokens per second at full concurrency (the tokens that
 arrived while all N clients had a request in flight, from the start to the last request sent, over that time) and
@@ -184,7 +184,7 @@ def start(kind: str, folder: Path, port: int, log: Path, env: dict[str, str],
           one_core: bool = False) -> tuple[subprocess.Popen, str]:
     if kind == "tristage":
         cmd = [str(PY / "tristage"), "serve", f"bench={folder}", "--port", str(port), "--log-level", "warning"]
-        cmd += ["--prefill-process", "off", "--threads", "1"] if one_core else []
+        cmd += ["--prefill-process", "off", "--replicas", "1", "--threads", "1"] if one_core else []
         name = "bench"
     else:
         cmd = [str(PY / "transformers"), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
@@ -322,14 +322,15 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
              f"ran {args.rounds} time(s) per configuration, the two taking turns; each row is the level's median round "
              "by tokens/s at full concurrency (the whole-run column: the median of the rounds; the machine's speed "
              "drifts between runs, for both servers), and the ratios are of those medians. `tristage serve "
-             "bench=MODEL` (defaults: --max-batch 32, fp32, CPU; the engine in a process of its own with torch "
-             "threads = CPUs - 1 = 1 here, beside the HTTP process; no prefill process) and `transformers serve --continuous-batching "
+             "bench=MODEL` (defaults: --max-batch 32 per engine, fp32, CPU; two engine processes (--replicas, 2 "
+             "where there are 2 CPUs or more), each with one torch thread here, beside the HTTP process; no prefill "
+             "process) and `transformers serve --continuous-batching "
              "--device cpu --dtype "
              f"float32 MODEL` (transformers {transformers.__version__}; its defaults otherwise: torch's threads, 2 "
              "here); one server at a time, each after 4 untimed warm-up requests. Two configurations: each "
              "server's defaults, and one core of torch work each: both started with OMP_NUM_THREADS=1, tristage with "
-             "--prefill-process off --threads 1 (the prompts prefilled by the engine itself; the same compute "
-             "for both). TTFT: request sent to first token; TPOT: time per output token after the first (p50 / p90 "
+             "--prefill-process off --replicas 1 --threads 1 (one engine process, which prefills the prompts itself; "
+             "the same compute for both). TTFT: request sent to first token; TPOT: time per output token after the first (p50 / p90 "
              "/ p99 over requests); gap p99: the 99th percentile of the gaps between consecutive tokens of a "
              "stream; CPU / token: the server's CPU time (all its processes) per output token.", "",
              f"Machine: 2 vCPU shared with other jobs, torch {torch.__version__}, no GPU; share of both cores "
@@ -361,7 +362,7 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
         t, x = d["tristage"][top], d["transformers"][top]
         lines += ["", f"Reading: the 2x target at {top} clients: {verdict}. At {top} clients with the defaults "
                   f"tristage's server spent {cpu_ms(t):.2f} ms of CPU per output token on {t['server_cpu']:.2f} "
-                  f"cores (its engine process on one; the prefill process and the HTTP side beside it), transformers {cpu_ms(x):.2f} ms on "
+                  f"cores (its two engine processes and the HTTP side), transformers {cpu_ms(x):.2f} ms on "
                   f"{x['server_cpu']:.2f} cores. transformers' time per token at {low} client(s) is "
                   f"{d['transformers'][low]['tpot_p50'] * 1e3:.1f} ms with its defaults (torch's threads) and "
                   f"{o['transformers'][low]['tpot_p50'] * 1e3:.1f} ms with one thread. The one-thread rows compare "
@@ -369,7 +370,13 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
                   + ", ".join(f"{ratio('one-thread', n):.2f}x at {n} clients" for n in args.clients)
                   + ". Under other jobs' load (the 'others' column) the defaults ratio is inflated: transformers' "
                   "two threads then contend with them for the cores.", "",
-                  "Where tristage's time goes (py-spy on its engine process under this load at 16 clients; "
+                  "Why two engine processes: a decode step of this model is some 150 small torch ops, which one "
+                  "thread runs best (a second torch thread in the same process did not pay: its work per op is too "
+                  "small to split); two engines, each decoding about half the rows on a core of its own, use both "
+                  "cores. Measured at 16 clients, tristage alone, the variants taking turns (2026-12-03): 2334 and "
+                  "1790 tok/s with two against 1414 with one. The one-thread configuration is one engine process.",
+                  "",
+                  "Where tristage's time goes in one engine process (py-spy on it under this load at 16 clients; "
                   "torch.profiler on its decode step alone): with the prompts prefilled in a process of their own "
                   "(`--prefill-process on`), "
                   "the engine process spends ~86% of its time in decode steps, ~5% admitting rows and ~2% sending "
@@ -385,7 +392,7 @@ def report(res: dict, args: argparse.Namespace, load_before: float) -> str:
                   "37-43 against 25-34 ms); across this bench's runs that day it moved tokens/s at 16 clients by -13% "
                   "to +11%. So it is off by default. "
                   "Tried and within the run-to-run noise: two torch threads (for every op, or for attention alone), "
-                  "two engine processes splitting the rows, the prefill on a second thread of the engine process, "
+                  "the prefill on a second thread of the engine process, "
                   "other forms of attention (query heads folded onto their KV head, batched matmuls: 5-10% faster "
                   "alone), fused norms, torch.compile of the decode step (no faster at 16 rows; 20-35 s to compile)."]
     return "\n".join(lines)

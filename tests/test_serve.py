@@ -50,13 +50,15 @@ def folders(tiny_shards, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["in-process-prefill", "prefill-process"])
+@pytest.fixture(scope="module", params=[(0, 1), (1, 1), (0, 2)],
+                ids=["in-process-prefill", "prefill-process", "two-replicas"])
 def server(folders, request):
     """(base_url, hub): both models served, "a" by its folder's name (runs/a/model -> a), "b" as NAME=PATH; the
-    prompts prefilled in the engine process, or in a prefill process beside it (`tristage serve`'s default on a
-    CPU with 2 cores or more)."""
+    prompts prefilled in the engine process, or in a prefill process beside it (`--prefill-process on`), or two
+    engine processes per model (`tristage serve`'s default on a CPU with 2 cores or more)."""
+    prefill_threads, replicas = request.param
     hub = Hub.load([str(folders / "a" / "model"), f"b={folders / 'b' / 'model'}"], max_batch=8,
-                   prefill_threads=request.param)
+                   prefill_threads=prefill_threads, replicas=replicas)
     url, stop = serve_in_thread(create_app(hub, api_key=KEY))
     yield url, hub
     stop()
@@ -251,8 +253,11 @@ def break_engine(hub: Hub, name: str) -> object:
     """Send the engine a request the hub would refuse (a token id past the vocabulary): its prefill raises inside a
     step, in the engine process, which fails every request then in the batch; or in the prefill process, which
     fails that request only. -> what that request got."""
+    engines = getattr(hub.batchers[name], "batchers", [hub.batchers[name]])  # with replicas: the one decoding
+    engine = max(engines, key=lambda b: b.running)
+
     async def go():
-        sink = hub.batchers[name].submit([Request(("bad", time.monotonic()), [10 ** 6], SamplingParams(2))])
+        sink = engine.submit([Request(("bad", time.monotonic()), [10 ** 6], SamplingParams(2))])
         return await asyncio.wait_for(sink.get(), 30)
 
     return asyncio.run(go())
@@ -318,7 +323,9 @@ def test_concurrent_requests_equal_each_alone(server, client, alone):
         t.start()
     for t in threads:
         t.join()
-    assert server[1].batchers["a"].peak >= 3  # they did share the batch
+    engines = getattr(server[1].batchers["a"], "batchers", [server[1].batchers["a"]])
+    need = 3 if len(engines) == 1 else 2  # they did share the batch (each replica's: both got requests)
+    assert all(b.peak >= need for b in engines), [b.peak for b in engines]
     for i, (messages, m) in enumerate(asks):
         assert got[i] == alone(messages, m)[2], i
 

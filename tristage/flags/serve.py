@@ -29,14 +29,19 @@ class Config:
                                          "cookie); default: the TRISTAGE_API_KEY environment variable, else no key")
     db: str | None = arg(None, help="SQLite file for the web pages' votes and annotations; with it the pages are "
                                     "served at /, without it only the API")
-    max_batch: int = arg(32, check=">=1", help="rows decoded together per model at most (n > 1 takes n rows); "
-                                              "more requests wait for a row")
-    threads: int = arg(0, check=">=0", help="CPU threads of each model's engine process (torch intra-op threads); "
-                                            "0: the number of CPUs minus one (with --prefill-process, minus its "
-                                            "threads too: a third of the rest, at least one), leaving one to the "
-                                            "HTTP process "
-                                            "(tokens to text, sending events) so the two do not take turns on the "
-                                            "same cores")
+    max_batch: int = arg(32, check=">=1", help="rows decoded together per engine process at most (n > 1 takes n "
+                                              "rows); more requests wait for a row")
+    replicas: int = arg(0, check=">=0", help="engine processes per model, each decoding its own rows; a request goes "
+                                             "to the one with the fewest in flight. 0: 2 for a CPU model where there "
+                                             "are 2 CPUs or more (a decode step is many small ops that one thread "
+                                             "runs best: two engines use two cores where one engine's second "
+                                             "thread does not), else 1. Each packs its own copy of the linear "
+                                             "layers' weights")
+    threads: int = arg(0, check=">=0", help="CPU threads of each engine process (torch intra-op threads); 0: the "
+                                            "number of CPUs minus one (with --prefill-process, minus its threads "
+                                            "too: a third of the rest, at least one), shared among the replicas, at "
+                                            "least one each; the CPU left is the HTTP process's (tokens to text, "
+                                            "sending events)")
     prefill_process: Literal["auto", "on", "off"] = arg(
         "off", help="prefill prompts in a process of their own beside each model's engine process, so a prompt's "
                     "forward pass and the decode steps run on different cores: on | off | auto (on for a CPU model "

@@ -38,6 +38,10 @@ Choices, and why:
   prompt), and every cancel it did not resolve itself after them, so the engine always knows the request a cancel
   names. The engine waits for the prefill process to be ready before it is. The process maps the shared weights
   and packs its own copy of the linear layers' (serve/packed.py): memory for them once more.
+- `Replicas`: several engine processes for one model (`tristage serve --replicas`, 2 by default for a CPU model on
+  2 CPUs or more), each with its own rows; a request goes to the one with the fewest requests in flight. A decode step
+  of a small model is some 150 small ops that one thread runs best (a second torch thread in the same process did
+  not pay), so two engines are what puts two cores to work: at 16 clients 1790-2334 tok/s against 1414 with one.
 - A step that raises fails the requests then in the batch (they get the exception) and the engine goes on: one bad
   request cannot take the model's endpoint down. If the process itself dies (killed, out of memory), its requests
   and later ones fail with `EngineGone` (a 500), and the log says so.
@@ -195,6 +199,52 @@ class Batcher:
         if not self.closing:
             log.error("the engine process of model %r exited (code %s)", self.name, self.proc.exitcode)
         self._deliver([(k, EngineGone(f"the engine process of model {self.name!r} has exited")) for k in keys])
+
+
+class Replicas:
+    """Several engine processes for one model, each with its own rows: a request goes to the one with the fewest
+    requests in flight (all of a request's n choices to the same one). Their weights are the same shared memory; each
+    packs its own copy of the linear layers (serve/packed.py). The same calls as a Batcher."""
+
+    def __init__(self, model: GPT, replicas: int, **kwargs):
+        self.batchers = [Batcher(model, **kwargs) for _ in range(replicas)]
+        self.name = self.batchers[0].name
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        for b in self.batchers:
+            b.wait_ready(timeout)
+
+    def submit(self, reqs: Sequence[Request]) -> asyncio.Queue:
+        return min(self.batchers, key=lambda b: len(b.sinks)).submit(reqs)
+
+    def cancel(self, keys: Sequence[object]) -> None:
+        for b in self.batchers:  # each drops only the keys it holds
+            b.cancel(keys)
+
+    def close(self) -> None:
+        for b in self.batchers:
+            b.close()
+
+    @property
+    def running(self) -> int:
+        return sum(b.running for b in self.batchers)
+
+    @property
+    def cancelled(self) -> int:
+        return sum(b.cancelled for b in self.batchers)
+
+    @property
+    def peak(self) -> int:
+        return max(b.peak for b in self.batchers)
+
+    @peak.setter
+    def peak(self, value: int) -> None:
+        for b in self.batchers:
+            b.peak = value
+
+    @property
+    def prefiller(self) -> mp.Process | None:
+        return self.batchers[0].prefiller
 
 
 def _check_shared_memory(model: GPT, name: str) -> None:

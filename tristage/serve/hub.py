@@ -40,7 +40,7 @@ import torch
 
 from tristage.io import UserError
 from tristage.rollout import ChatModel, load_chat_model, policy_tokenizer
-from tristage.serve.batcher import Batcher
+from tristage.serve.batcher import Batcher, Replicas
 from tristage.serve.detok import StreamDecoder
 from tristage.serve.engine import Request, SamplingParams, Token
 
@@ -127,9 +127,13 @@ class StopMatcher:
 class Hub:
     """The served models: `names`, `chat_stream` (text deltas of one chat answer), `complete` (the API's choices)."""
 
-    def __init__(self, models: dict[str, ChatModel], *, max_batch: int = 32, prefill_threads: int = 0):
+    def __init__(self, models: dict[str, ChatModel], *, max_batch: int = 32, prefill_threads: int = 0,
+                 replicas: int = 1):
         self.models = models
-        self.batchers = {name: Batcher(m.model, max_rows=max_batch, name=name, prefill_threads=prefill_threads)
+        self.batchers = {name: Replicas(m.model, replicas, max_rows=max_batch, name=name,
+                                        prefill_threads=prefill_threads)
+                         if replicas > 1 else Batcher(m.model, max_rows=max_batch, name=name,
+                                                      prefill_threads=prefill_threads)
                          for name, m in models.items()}
         for b in self.batchers.values():  # the engine processes start together; serving begins once all can decode
             b.wait_ready()
@@ -137,14 +141,15 @@ class Hub:
 
     @classmethod
     def load(cls, specs: Sequence[str], *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             max_batch: int = 32, prefill_threads: int = 0) -> Hub:
+             max_batch: int = 32, prefill_threads: int = 0, replicas: int = 1) -> Hub:
         """Load model folders (PATH or NAME=PATH); every folder is checked before any weights are read.
         prefill_threads > 0: each model's prompts are prefilled in a process of their own (tristage/serve/batcher.py)
         with that many torch threads."""
         folders = model_specs(specs)
         toks = {name: policy_tokenizer(p) for name, p in folders.items()}
         return cls({name: load_chat_model(p, device, dtype, require_template=False, tokenizer=toks[name])
-                    for name, p in folders.items()}, max_batch=max_batch, prefill_threads=prefill_threads)
+                    for name, p in folders.items()}, max_batch=max_batch, prefill_threads=prefill_threads,
+                   replicas=replicas)
 
     @property
     def names(self) -> list[str]:

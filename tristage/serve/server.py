@@ -521,16 +521,18 @@ def main(cfg: Config) -> int:
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    on_cpu = torch.device(device).type == "cpu"
     prefill = cfg.prefill_process == "on" or (cfg.prefill_process == "auto" and cpus >= 2)
-    if prefill and torch.device(device).type != "cpu":
+    if prefill and not on_cpu:
         if cfg.prefill_process == "on":
             raise UserError(f"--prefill-process on: only for a CPU model (the device is {device})")
         prefill = False
-    # threads: the engine's (decode) and the prefill process's; with 2 CPUs one each, the HTTP process beside them
+    replicas = cfg.replicas or (2 if on_cpu and cpus >= 2 else 1)
+    # threads: the prefill process's, then the engines' (decode) share the rest but one, the HTTP process's
     prefill_threads = max(1, (cpus - 1) // 3) if prefill else 0
-    torch.set_num_threads(cfg.threads or max(1, cpus - 1 - prefill_threads))
+    torch.set_num_threads(cfg.threads or max(1, (cpus - 1 - prefill_threads) // replicas))
     hub = Hub.load(cfg.models, device=device, dtype=resolve_dtype(cfg.dtype, device), max_batch=cfg.max_batch,
-                   prefill_threads=prefill_threads)
+                   prefill_threads=prefill_threads, replicas=replicas)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("TRISTAGE_API_KEY") or None
     app = create_app(hub, api_key=api_key, db=cfg.db)
     print(f"serving {', '.join(hub.names)} at http://{cfg.host}:{cfg.port}/v1"
