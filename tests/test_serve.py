@@ -444,3 +444,50 @@ def test_the_prefill_process_gives_what_the_engine_gives(folders, dtype):
             b.close()
     assert results[0] == results[1]
     assert results[0][-1] == "ValueError" and all(len(t) == 12 for t in results[0][:-1])
+
+
+def test_replicas_spread_requests_and_route_around_a_dead_engine(folders):
+    """Two engine processes for one model: concurrent requests go to both and each gets the engine's greedy tokens;
+    after one engine process is killed, its request fails with EngineGone and new requests go to the living one."""
+    from tristage.model.hf import load_model
+    from tristage.serve.batcher import EngineGone, Replicas
+
+    model = load_model(folders / "a" / "model").eval()
+    want = Engine(model).generate([[5, 9, 14, 3]], SamplingParams(max_new_tokens=12, temperature=0))[0].tokens
+
+    async def ask(r: Replicas, n: int, max_new: int = 12) -> list:
+        sinks = [r.submit([Request((i, time.monotonic()), [5, 9, 14, 3], SamplingParams(max_new, temperature=0))])
+                 for i in range(n)]
+        got = []
+        for sink in sinks:
+            toks: list | str = []
+            while True:
+                t = await asyncio.wait_for(sink.get(), 30)
+                if isinstance(t, Exception):
+                    toks = type(t).__name__
+                    break
+                toks.append(t.token)
+                if t.finish_reason is not None:
+                    break
+            got.append(toks)
+        return got
+
+    r = Replicas(model, 2, max_rows=4, name="a", threads=1)
+    try:
+        r.wait_ready()
+        assert asyncio.run(ask(r, 4)) == [want] * 4
+        assert all(b.peak >= 2 for b in r.batchers)  # both engines decoded
+
+        async def one_dies() -> list:
+            sink = r.batchers[0].submit([Request(("long", 0), [5, 9], SamplingParams(CONTEXT - 10, temperature=0))])
+            await asyncio.wait_for(sink.get(), 30)  # it decodes
+            r.batchers[0].proc.kill()
+            while not isinstance(t := await asyncio.wait_for(sink.get(), 30), Exception):
+                pass
+            return [type(t).__name__, *await ask(r, 3)]
+
+        got = asyncio.run(one_dies())
+        assert got[0] == EngineGone.__name__
+        assert got[1:] == [want] * 3
+    finally:
+        r.close()

@@ -215,7 +215,8 @@ class Replicas:
             b.wait_ready(timeout)
 
     def submit(self, reqs: Sequence[Request]) -> asyncio.Queue:
-        return min(self.batchers, key=lambda b: len(b.sinks)).submit(reqs)
+        alive = [b for b in self.batchers if not b.gone] or self.batchers  # a dead engine gets no more requests
+        return min(alive, key=lambda b: len(b.sinks)).submit(reqs)
 
     def cancel(self, keys: Sequence[object]) -> None:
         for b in self.batchers:  # each drops only the keys it holds
