@@ -15,6 +15,12 @@ same way, for comparison at its own KL. Results: runs/rl_demo/results.json, and 
 
     .venv/bin/python bench/rl_demo.py --demo runs/demo --headline     # InstructGPT's headline, in miniature
 
+    .venv/bin/python bench/rl_demo.py --demo runs/demo --more-sft     # SFT on 5x the conversations, then PPO
+
+--more-sft generates the same world with 20,000 SFT conversations instead of 4,000 (the same seed: the same eval
+prompts, the others kept out), instruction-tunes the demo's base model on them with the demo's SFT flags, runs the
+`ppo` flags from that model against the demo's reward model, and judges both against the demo's SFT model.
+
 --headline pre-trains and instruction-tunes a model with about four times the demo model's parameters (BIG) on the
 same data (the demo's shards and SFT conversations; pre-training with more steps and a lower learning rate for its
 size, SFT as the small model's), then judges the PPO policy (and the others) against it with the gold scorer: the
@@ -88,6 +94,35 @@ def headline(demo: Path, out: Path, results: dict, train: bool) -> None:
         print(f"{name} vs the 4x SFT model: {json.dumps(c)}", flush=True)
 
 
+def more_sft(demo: Path, out: Path, results: dict) -> None:
+    """SFT on 5x the world's conversations (sft20k), PPO from it (ppo_sft20k); both judged against the demo's SFT."""
+    from tristage.eval.world import compare_to_reference
+
+    tristage, world = str(ROOT / ".venv" / "bin" / "tristage"), demo / "world"
+    cmds = {"w20k": ["world", "generate", "--out", str(out / "w20k"), "--n-sft", "20000", "--n-stories", "100",
+                     "--n-pref", "10", "--quiet"],
+            "sft20k": ["sft", str(demo / "base" / "model"), "--data", str(out / "w20k" / "sft" / "train.jsonl"),
+                       "--val-data", str(world / "sft" / "val.jsonl"), "--epochs", "2", "--lr", "1e-3", "--max-len",
+                       "256", "--eval-every", "0", "--save-every", "200", "--no-progress", "--overwrite", "--out",
+                       str(out / "sft20k")],
+            "ppo_sft20k": ["ppo", str(out / "sft20k" / "model"), *runs(demo)["ppo"][2:], "--out",
+                           str(out / "ppo_sft20k")]}
+    for name, cmd in cmds.items():
+        t0 = time.perf_counter()
+        subprocess.run([tristage, *cmd], check=True)
+        results.setdefault(name, {})["train_seconds"] = time.perf_counter() - t0
+        results[name]["command"] = "tristage " + " ".join(cmd)
+    for name in ("sft20k", "ppo_sft20k"):
+        c = compare_to_reference(out / name / "model", demo / "sft" / "model", world / "eval" / "prompts.jsonl",
+                                 limit=200, seed=0)
+        results[name].update(c)
+        print(name, json.dumps(c), flush=True)
+    c = compare_to_reference(out / "ppo_sft20k" / "model", out / "sft20k" / "model", world / "eval" / "prompts.jsonl",
+                             limit=200, seed=0)
+    results["ppo_sft20k_vs_sft20k"] = c
+    print("ppo_sft20k vs sft20k", json.dumps(c), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="runs/demo", help="a finished `tristage demo` folder")
@@ -96,11 +131,18 @@ def main() -> int:
     ap.add_argument("--eval-only", action="store_true", help="evaluate the existing runs without training")
     ap.add_argument("--headline", action="store_true",
                     help="train the 4x SFT model (unless --eval-only) and judge every policy against it")
+    ap.add_argument("--more-sft", action="store_true",
+                    help="SFT on 5x the world's conversations, PPO from that model, judged against the demo's SFT")
     args = ap.parse_args()
     demo, out = Path(args.demo), Path(args.out)
     from tristage.eval.world import compare_to_reference
 
     results: dict = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    if args.more_sft:
+        more_sft(demo, out, results)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return 0
     if args.headline:
         headline(demo, out, results, not args.eval_only)
         out.mkdir(parents=True, exist_ok=True)
