@@ -408,6 +408,23 @@ def test_serve_command_refuses_bad_input_in_one_line(folders, tmp_path, capsys):
     assert torch.get_num_threads() >= 1
 
 
+async def collect(sinks: list[asyncio.Queue]) -> list:
+    """Each sink's tokens until its request finishes, or the name of the exception it got instead."""
+    got = []
+    for sink in sinks:
+        toks: list | str = []
+        while True:
+            t = await asyncio.wait_for(sink.get(), 30)
+            if isinstance(t, Exception):
+                toks = type(t).__name__
+                break
+            toks.append(t.token)
+            if t.finish_reason is not None:
+                break
+        got.append(toks)
+    return got
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_prefill_process_gives_what_the_engine_gives(folders, dtype):
     """A model's prompts prefilled in a process of their own (keys and values through a pipe, in the model's dtype,
@@ -421,19 +438,7 @@ def test_the_prefill_process_gives_what_the_engine_gives(folders, dtype):
     async def ask(b: Batcher) -> list:
         sinks = [b.submit([Request((i, time.monotonic()), p, SamplingParams(max_new_tokens=12, temperature=0))])
                  for i, p in enumerate([*prompts, [1] * CONTEXT])]
-        got = []
-        for sink in sinks:
-            toks = []
-            while True:
-                t = await asyncio.wait_for(sink.get(), 30)
-                if isinstance(t, Exception):
-                    toks = type(t).__name__
-                    break
-                toks.append(t.token)
-                if t.finish_reason is not None:
-                    break
-            got.append(toks)
-        return got
+        return await collect(sinks)
 
     results = []
     for threads in (0, 1):
@@ -458,19 +463,7 @@ def test_replicas_spread_requests_and_route_around_a_dead_engine(folders):
     async def ask(r: Replicas, n: int, max_new: int = 12) -> list:
         sinks = [r.submit([Request((i, time.monotonic()), [5, 9, 14, 3], SamplingParams(max_new, temperature=0))])
                  for i in range(n)]
-        got = []
-        for sink in sinks:
-            toks: list | str = []
-            while True:
-                t = await asyncio.wait_for(sink.get(), 30)
-                if isinstance(t, Exception):
-                    toks = type(t).__name__
-                    break
-                toks.append(t.token)
-                if t.finish_reason is not None:
-                    break
-            got.append(toks)
-        return got
+        return await collect(sinks)
 
     r = Replicas(model, 2, max_rows=4, name="a", threads=1)
     try:
